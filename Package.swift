@@ -1,0 +1,45 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "swift-tpm-frontend",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "TIS", targets: ["TIS"]),
+        .library(name: "EmulatorBackend", targets: ["EmulatorBackend"]),
+        .library(name: "TISDriver", targets: ["TISDriver"]),
+        .library(name: "VMState", targets: ["VMState"]),
+        .executable(name: "tis-sim", targets: ["tis-sim"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // System library: libtpms 0.9.x through pkg-config (Debian: libtpms-dev).
+        .systemLibrary(name: "CLibtpms", pkgConfig: "libtpms", providers: [.apt(["libtpms-dev"])]),
+        // Bounds-checked cursor reader and writer with explicit endianness: the one place for bytes.
+        .target(name: "WireFormat"),
+        // TPM backends: the TPMBackend protocol (QEMU tpm_backend.h), in-process libtpms, swtpm.
+        // CMSG_* wrappers for SCM_RIGHTS (the macros do not import into Swift).
+        .target(name: "CFdPass"),
+        .target(name: "EmulatorBackend", dependencies: ["CLibtpms", "CFdPass", "WireFormat"]),
+        // The TIS device core (QEMU hw/tpm/tpm_tis_common.c) and its thread-safe device wrapper.
+        .target(name: "TIS", dependencies: ["EmulatorBackend", "WireFormat"]),
+        // The guest side: a register-level TIS driver over an MMIO bus.
+        .target(name: "TISDriver", dependencies: ["TIS", "WireFormat"]),
+        // QEMU's migration stream: framing, vmstate schema, the TPM sections, whole-stream walking.
+        .target(name: "VMState", dependencies: ["TIS", "EmulatorBackend", "WireFormat"]),
+        // Test support: real QEMU 7.2 driven through qtest and QMP, swtpm, halt.bin.
+        .target(name: "QEMUHarness", dependencies: ["TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
+        .executableTarget(name: "tis-sim", dependencies: [
+            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"]),
+        .testTarget(name: "TISTests", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
+        .testTarget(name: "EmulatorBackendTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat"]),
+        .testTarget(name: "SwtpmTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat", "QEMUHarness"]),
+        .testTarget(name: "VMStateTests", dependencies: ["VMState", "TIS", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISDriver"]),
+        .testTarget(name: "QEMUTests", dependencies: ["QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
+    ]
+)
