@@ -1,0 +1,1 @@
+// QEMU harness: see the files beside this one.

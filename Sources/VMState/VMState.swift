@@ -1,0 +1,1 @@
+// VMState module: see the files beside this one.
