@@ -20,9 +20,11 @@ let package = Package(
         // Bounds-checked cursor reader and writer with explicit endianness: the one place for bytes.
         .target(name: "WireFormat"),
         // TPM backends: the TPMBackend protocol (QEMU tpm_backend.h), in-process libtpms, swtpm.
+        // OpenSSL's libcrypto (already loaded by libtpms): SHA-256, HMAC, AES-CBC.
+        .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         // CMSG_* wrappers for SCM_RIGHTS (the macros do not import into Swift).
         .target(name: "CFdPass"),
-        .target(name: "EmulatorBackend", dependencies: ["CLibtpms", "CFdPass", "WireFormat"]),
+        .target(name: "EmulatorBackend", dependencies: ["CLibtpms", "COpenSSL", "CFdPass", "WireFormat"]),
         // The TIS device core (QEMU hw/tpm/tpm_tis_common.c) and its thread-safe device wrapper.
         .target(name: "TIS", dependencies: ["EmulatorBackend", "WireFormat"]),
         // The guest side: a register-level TIS driver over an MMIO bus.

@@ -80,8 +80,6 @@ public struct TISStateError: Error, Equatable, Sendable, CustomStringConvertible
         case localityOutOfRange
         case localityCount
         case unknownState
-        case executionInFlight
-        case inconsistent
     }
     public var code: Code
     /// The vmstate field name (`state.rw_offset`, `state.loc[2].state`).
@@ -100,8 +98,9 @@ public struct TISStateError: Error, Equatable, Sendable, CustomStringConvertible
 extension TISState {
     /// Checks what QEMU's vmstate load does not (QEMU trusts rw_offset and the locality bytes
     /// and would index past its arrays): the buffer is 4096 bytes, rw_offset within it, every
-    /// locality byte 0...4 or 0xFF, five localities, and no locality in EXECUTION (QEMU's
-    /// pre_save waits for completion, so a valid stream never carries it).
+    /// locality byte 0...4 or 0xFF, five localities. EXECUTION and a pending abort are
+    /// accepted: QEMU saves them when a command was refused as "pending" (the locality then
+    /// stays stuck in QEMU too), and neither can make the model index out of bounds.
     public func validate(bufferSize: Int = TISGeometry.bufferSize) throws(TISStateError) {
         guard buffer.count == TISGeometry.bufferSize else {
             throw TISStateError(.bufferSize, field: "state.buffer", "is \(buffer.count) bytes, not \(TISGeometry.bufferSize)")
@@ -118,14 +117,6 @@ extension TISState {
         }
         guard localities.count == TISGeometry.localityCount else {
             throw TISStateError(.localityCount, field: "state.loc", "\(localities.count) localities, not 5")
-        }
-        for (i, l) in localities.enumerated() where l.state == .execution {
-            throw TISStateError(.executionInFlight, field: "state.loc[\(i)].state",
-                                "locality \(i) is in EXECUTION; QEMU never saves a TIS with a command in flight")
-        }
-        if abortingLocality != TISGeometry.noLocality || nextLocality != TISGeometry.noLocality {
-            throw TISStateError(.inconsistent, field: "state.next_locty",
-                                "an abort is pending, which only exists while a command is in flight")
         }
     }
 }
