@@ -29,19 +29,22 @@ let package = Package(
         .target(name: "TIS", dependencies: ["EmulatorBackend", "WireFormat"]),
         // The guest side: a register-level TIS driver over an MMIO bus.
         .target(name: "TISDriver", dependencies: ["TIS", "WireFormat"]),
+        // Register-level scenarios (QEMU's tpm-tis qtests, a seeded random differential) over any
+        // MMIOBus, so the same sequence runs against the model and against real QEMU.
+        .target(name: "TISConformance", dependencies: ["TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
         // QEMU's migration stream: framing, vmstate schema, the TPM sections, whole-stream walking.
         .target(name: "VMState", dependencies: ["TIS", "EmulatorBackend", "WireFormat"]),
         // Test support: real QEMU 7.2 driven through qtest and QMP, swtpm, halt.bin.
-        .target(name: "QEMUHarness", dependencies: ["TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
+        .target(name: "QEMUHarness", dependencies: ["TISConformance", "TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
         .executableTarget(name: "tis-sim", dependencies: [
             "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"]),
-        .testTarget(name: "TISTests", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
+        .testTarget(name: "TISTests", dependencies: ["TISConformance", "TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
         .testTarget(name: "EmulatorBackendTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat"]),
         .testTarget(name: "SwtpmTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat", "QEMUHarness"]),
         .testTarget(name: "VMStateTests", dependencies: ["VMState", "TIS", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISDriver"]),
-        .testTarget(name: "QEMUTests", dependencies: ["QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
+        .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )

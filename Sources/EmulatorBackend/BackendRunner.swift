@@ -136,3 +136,15 @@ public enum TPMResponses {
     /// size 10, TPM_FAIL. QEMU writes these same bytes for TPM 2.0 backends too.
     public static let fatalError: [UInt8] = [0x00, 0xC4, 0x00, 0x00, 0x00, 0x0A, 0x00, 0x00, 0x00, 0x09]
 }
+
+/// QEMU backends/tpm/tpm_util.c helpers.
+public enum TPMUtil {
+    /// QEMU `tpm_util_is_selftest` + the response check of `tpm_emulator_unix_tx_bufs`: the
+    /// command was TPM 1.2 TPM_ORD_ContinueSelfTest (0x53) and the response code is 0.
+    public static func isSelftestDone(command: [UInt8], response: [UInt8]) -> Bool {
+        guard command.count >= 10, response.count >= 10 else { return false }
+        let ordinal = UInt32(command[6]) << 24 | UInt32(command[7]) << 16 | UInt32(command[8]) << 8 | UInt32(command[9])
+        let rc = UInt32(response[6]) << 24 | UInt32(response[7]) << 16 | UInt32(response[8]) << 8 | UInt32(response[9])
+        return ordinal == 0x53 && rc == 0
+    }
+}

@@ -250,17 +250,8 @@ public final class LibtpmsBackend: TPMBackend, @unchecked Sendable {
             let n = min(Int(respLen), command.maxResponseSize)
             guard let resp = e.response, n > 0 else { return TPMBackendResponse(bytes: []) }
             let bytes = Array(UnsafeBufferPointer(start: resp, count: n))
-            return TPMBackendResponse(bytes: bytes, selftestDone: Self.isSelftestDone(command: command.bytes, response: bytes))
+            return TPMBackendResponse(bytes: bytes, selftestDone: TPMUtil.isSelftestDone(command: command.bytes, response: bytes))
         }
-    }
-
-    /// QEMU `tpm_util_is_selftest` + the response check of `tpm_emulator_unix_tx_bufs`: a TPM 1.2
-    /// TPM_ORD_ContinueSelfTest (0x53) that returned success.
-    static func isSelftestDone(command: [UInt8], response: [UInt8]) -> Bool {
-        guard command.count >= 10, response.count >= 10 else { return false }
-        let ordinal = UInt32(command[6]) << 24 | UInt32(command[7]) << 16 | UInt32(command[8]) << 8 | UInt32(command[9])
-        let rc = UInt32(response[6]) << 24 | UInt32(response[7]) << 16 | UInt32(response[8]) << 8 | UInt32(response[9])
-        return ordinal == 0x53 && rc == 0
     }
 
     public func cancelCommand() {

@@ -1,1 +1,9 @@
-@main struct Main { static func main() {} }
+import ArgumentParser
+
+@main
+struct TisSim: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tis-sim",
+        abstract: "A TPM TIS frontend the way QEMU gives it to a guest: demo, ctrl client, migration tools.",
+        subcommands: [Demo.self])
+}

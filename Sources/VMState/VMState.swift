@@ -1,1 +1,0 @@
-// VMState module: see the files beside this one.
