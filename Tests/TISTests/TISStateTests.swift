@@ -74,7 +74,7 @@ import TISDriver
         case "buffer": bad.buffer = [1, 2, 3]
         default: bad.localities.removeLast()
         }
-        do {
+        do throws(TISDeviceError) {
             try rig.device.restore(bad)
             Issue.record("restore accepted \(field)")
         } catch {
