@@ -229,13 +229,16 @@ public final class SwtpmProcess: @unchecked Sendable {
     private static func makeOutputFile() throws(BackendError) -> Int32 {
         let tmp = getenv("TMPDIR").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
         var template = Array((tmp + "/swtpm-output-XXXXXX").utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        let fd = template.withUnsafeMutableBufferPointer { buf -> Int32 in
+            guard let base = buf.baseAddress else { return -1 }
+            return mkstemp(base)
+        }
         guard fd >= 0 else {
             let e = lastErrno()
             throw BackendError(.process, "cannot create a file for swtpm's output in \(tmp): \(errnoString(e))", errno: e)
         }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        template.withUnsafeBufferPointer { buf in if let base = buf.baseAddress { _ = unlink(base) } }
         return fd
     }
 
