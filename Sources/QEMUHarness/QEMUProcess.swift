@@ -183,9 +183,17 @@ public final class QEMUProcess {
                                startupSeconds: seconds, workDirectory: work, qtestSocketPath: qtestPath,
                                qmpSocketPath: qmpPath, logPath: logPath, qtestLogPath: qtestLogPath)
         } catch {
+            var e = error
+            // A socket that closed or timed out during start-up usually means QEMU is exiting
+            // on a bad command line: say so, with its reason from stderr.
+            if e.code != .processExited && child.waitForExit(timeout: 0.5) {
+                e = HarnessError(.processExited,
+                                 "QEMU exited during start-up (\(child.exitDescription)) after: \(e.message)",
+                                 operation: e.operation, errno: e.errno)
+            }
             child.terminate(grace: 0.5)
             unlink(qmpPath)
-            var e = error.with(output: child.outputTail())
+            e = e.with(output: child.outputTail())
             if e.operation == nil { e.operation = "start QEMU" }
             e.message += " (command: \(([exe] + args).joined(separator: " ")))"
             throw e
