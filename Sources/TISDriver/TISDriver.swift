@@ -110,8 +110,10 @@ public final class TISDriver {
 
     /// Sends one command through the FIFO of `locality` and returns the response: request the
     /// locality, commandReady, write the command honouring the burst count, check Expect, tpmGo,
-    /// wait for dataAvail, read the response by its header size, commandReady again.
-    public func transmit(_ command: [UInt8], locality l: UInt8 = 0, relinquish release: Bool = false) throws -> [UInt8] {
+    /// wait for dataAvail, read the response by its header size, commandReady again, and give
+    /// the locality up (as QEMU's tests/qtest/tpm-util.c `tpm_util_tis_transfer` does) unless
+    /// `relinquish` is false.
+    public func transmit(_ command: [UInt8], locality l: UInt8 = 0, relinquish release: Bool = true) throws -> [UInt8] {
         try requestLocality(l)
         try writeStatus(l, .commandReady)
         let ready = try poll("commandReady", read: { try status(l) }, until: { $0 & TISStatus.commandReady.rawValue != 0 })

@@ -10,7 +10,7 @@ import TISConformance
         let e = Expectations(bus: rig.bus)
         try QEMUTISChecks.checkLocalities(e, established: established)
         #expect(e.mismatches == [])
-        #expect(e.checks == 40)
+        #expect(e.checks == 35)
     }
 
     @Test func qemuCheckAccessReg() throws {

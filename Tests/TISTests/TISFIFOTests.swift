@@ -70,8 +70,8 @@ import TISDriver
         #expect(rig.backend.commands.first?.bytes == startupCommand)
         #expect(try rig.readl(0, 0x24) == 0x0000_0180)
         #expect(try rig.readl(0, 0x80) == 0x0000_0C00)   // XDATA_FIFO aliases the FIFO
-        #expect(try rig.readl(0, 0xBC) == 0x0000_0000)
-        #expect(try rig.readl(0, 0x24) == 0xFFFF_CDAB)   // 2 bytes left, then 0xFF
+        #expect(try rig.readl(0, 0xBC) == 0xCDAB_0000)
+        #expect(try rig.readl(0, 0x24) == 0xFFFF_FFFF)   // past the end
     }
 
     /// A FIFO read with a byte lane offset does not shift: a readb of 0x25 gives the next byte.
