@@ -45,6 +45,13 @@ final class ResultBox: @unchecked Sendable {
     var error: BackendError? { lock.locked { _error } }
 }
 
+final class Collector<T: Sendable>: @unchecked Sendable {
+    private let lock = NSLockish()
+    private var _values: [T] = []
+    func append(_ v: T) { lock.locked { _values.append(v) } }
+    var values: [T] { lock.locked { _values } }
+}
+
 final class NSLockish: @unchecked Sendable {
     private var m = pthread_mutex_t()
     init() { pthread_mutex_init(&m, nil) }

@@ -30,3 +30,24 @@ func removeTree(_ path: String) {
     closedir(d)
     _ = rmdir(path)
 }
+
+private final class ThreadBody {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+}
+
+/// Runs `body` on a thread of its own (not Dispatch's pool nor the cooperative pool, which have
+/// as many threads as cores: a blocked fake peer there would starve the other tests).
+func startThread(_ body: @escaping @Sendable () -> Void) {
+    let arg = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var attr = pthread_attr_t()
+    pthread_attr_init(&attr)
+    pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
+    var tid = pthread_t()
+    let rc = pthread_create(&tid, &attr, { raw in
+        if let raw { Unmanaged<ThreadBody>.fromOpaque(raw).takeRetainedValue().body() }
+        return nil
+    }, arg)
+    pthread_attr_destroy(&attr)
+    if rc != 0 { Unmanaged<ThreadBody>.fromOpaque(arg).takeRetainedValue().body() }
+}
