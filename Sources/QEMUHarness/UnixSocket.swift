@@ -110,6 +110,7 @@ final class LineConnection {
     private(set) var fd: Int32
     private var buffer: [UInt8] = []
     private var scanned = 0
+    private var chunk = [UInt8](repeating: 0, count: 65536)
     /// The longest line accepted before the peer is declared broken.
     let maxLineLength: Int
     /// Name used in errors: "qtest", "QMP".
@@ -207,7 +208,6 @@ final class LineConnection {
             throw HarnessError(.socket, "\(name) poll failed", operation: "poll", errno: errno)
         }
         if r == 0 { return false }
-        var chunk = [UInt8](repeating: 0, count: 65536)
         let n = chunk.withUnsafeMutableBytes { raw -> Int in
             guard let base = raw.baseAddress else { return 0 }
             return recv(fd, base, raw.count, 0)

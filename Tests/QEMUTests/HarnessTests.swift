@@ -137,3 +137,53 @@ struct HarnessTests {
         #expect(try m.qmp.queryStatus() == "running")
     }
 }
+
+/// Failure paths of a running QEMU: hangs become timeouts, deaths become closed connections,
+/// forgotten machines are cleaned up by deinit.
+@Suite("QEMU harness failure paths")
+struct HarnessFailureTests {
+    @Test("A stopped QEMU makes qtest and QMP requests time out")
+    func hungQEMU() throws {
+        let m = try startMachine()
+        defer {
+            m.qemu.process.signal(SIGCONT)
+            m.close()
+        }
+        m.qemu.process.signal(SIGSTOP)
+        m.bus.timeout = 0.3
+        m.qmp.timeout = 0.3
+        let start = Date()
+        let e1 = try #require(throws: HarnessError.self) { try m.bus.readl(TIS.reg(0, TIS.didVid)) }
+        #expect(e1.code == .timeout)
+        let e2 = try #require(throws: HarnessError.self) { try m.qmp.queryStatus() }
+        #expect(e2.code == .timeout)
+        #expect(Date().timeIntervalSince(start) < 2)
+    }
+
+    @Test("A killed QEMU closes the qtest connection")
+    func killedQEMU() throws {
+        let m = try startMachine()
+        defer { m.close() }
+        m.qemu.process.signal(SIGKILL)
+        let error = try #require(throws: HarnessError.self) {
+            for _ in 0..<100 { _ = try m.bus.readl(TIS.reg(0, TIS.didVid)); usleep(1000) }
+        }
+        #expect(error.code == .connectionClosed)
+    }
+
+    @Test("A machine dropped without close() is cleaned up by deinit")
+    func deinitCleansUp() throws {
+        var pids: (Int32, Int32) = (0, 0)
+        var dir = ""
+        do {
+            let m = try startMachine()
+            pids = (m.qemu.process.pid, m.swtpm?.pid ?? 0)
+            dir = m.workDirectory.path
+            #expect(try m.bus.readb(TIS.reg(0, TIS.access)) == 0x81)
+        }
+        #expect(pids.0 > 0 && pids.1 > 0)
+        #expect(!processExists(pids.0))
+        #expect(!processExists(pids.1))
+        #expect(!FileManager.default.fileExists(atPath: dir))
+    }
+}
