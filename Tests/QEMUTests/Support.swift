@@ -70,3 +70,9 @@ func pollSTS(_ bus: QTestBus, locality: Int = 0, timeout: Double = 3,
 func processExists(_ pid: Int32) -> Bool {
     kill(pid, 0) == 0 || errno != ESRCH
 }
+
+/// The parent of every QEMU suite. Serialized: each test starts its own QEMU and swtpm (and
+/// is safe to run in parallel, with its own /tmp directory), but a dozen TCG QEMUs starting at
+/// once on a 2-core machine starve the timing-sensitive tests of other targets.
+@Suite("QEMU 7.2 oracle", .serialized)
+enum QEMUSuite {}
