@@ -35,6 +35,22 @@ import TISDriver
         var reads = 0
         var differences: [String] = []
         var log: [String] = []
+        /// tpmGo writes not made because they would send QEMU a command under 10 bytes.
+        var skippedShortCommands = 0
+
+        /// A command shorter than 10 bytes hangs QEMU 7.2 with swtpm (swtpm waits for the rest of
+        /// the header; QEMU then blocks in CMD_CANCEL_TPM_CMD, runs-on-this-machine.md §8). The
+        /// model answers such a command (see TISDevice); the differential leaves that tpmGo out.
+        func wouldSendShortCommand(_ a: UInt64, _ s: Int, _ v: UInt64) -> Bool {
+            let off = a &- TISGeometry.baseAddress
+            guard off < TISGeometry.regionSize, off & 0xFFC == 0x18 else { return false }
+            let l = Int(off >> 12)
+            let shifted = UInt32(truncatingIfNeeded: v << (8 * (off & 3)))
+            guard shifted & 0x62 == 0x20 else { return false }
+            let st = device.currentState
+            return Int(st.activeLocality) == l && st.localities[l].state == .reception
+                && st.localities[l].sts & 0x08 == 0 && st.rwOffset < 10
+        }
 
         init(qemu: QTestBus, device: TISDevice) {
             self.qemu = qemu
@@ -52,6 +68,10 @@ import TISDriver
                     differences.append("\(op): QEMU 0x\(String(q, radix: 16)), model 0x\(String(mv, radix: 16)) after \(log.suffix(6))")
                 }
             case .write(let a, let s, let v):
+                if wouldSendShortCommand(a, s, v) {
+                    skippedShortCommands += 1
+                    return
+                }
                 try qemu.write(a, size: s, value: v)
                 try model.write(a, size: s, value: v)
             case .settle:

@@ -60,6 +60,35 @@ extension QEMUSuite {
             #expect(try bus.readl(sts) == 0x0410_0040)
         }
 
+        /// QEMU's memory core splits writes as it splits reads (natural alignment, at most 4
+        /// bytes per piece); a piece that lands outside the FIFO registers is dropped.
+        @Test("8-byte and unaligned FIFO writes: only the pieces that hit the FIFO count")
+        func splitWrites() throws {
+            let m = try startMachine()
+            defer { m.close() }
+            let bus = m.bus
+            let sts = TIS.reg(0, TIS.sts)
+            try bus.writeb(TIS.reg(0, TIS.access), TIS.requestUse)
+            try bus.writeb(sts, UInt8(TIS.commandReady))
+            // The header (80 01 00 00 33 33 ...) declares more than is written: Expect stays set.
+            // 0x24 + 8: 4 bytes into DATA_FIFO, 4 bytes at 0x28 (unknown register) dropped.
+            try bus.writeq(TIS.reg(0, TIS.dataFIFO), 0x1111_1111_0000_0180)
+            #expect(try bus.readl(sts) == TIS.sts(TIS.stsValid | TIS.expect, burst: 4096 - 4))
+            // 0x80 + 8: both halves are XDATA_FIFO.
+            try bus.writeq(TIS.reg(0, 0x80), 0x2222_2222_3333_3333)
+            #expect(try bus.readl(sts) == TIS.sts(TIS.stsValid | TIS.expect, burst: 4096 - 12))
+            // writel at 0x26: 2 bytes at 0x26 (FIFO) + 2 at 0x28 (dropped).
+            try bus.writel(TIS.reg(0, 0x26), 0x4444_4444)
+            #expect(try bus.readl(sts) == TIS.sts(TIS.stsValid | TIS.expect, burst: 4096 - 14))
+            // writew at 0x25: 1 byte at 0x25 + 1 byte at 0x26, both FIFO.
+            try bus.writew(TIS.reg(0, 0x25), 0x5555)
+            #expect(try bus.readl(sts) == TIS.sts(TIS.stsValid | TIS.expect, burst: 4096 - 16))
+            // writeq at 0x08: INT_ENABLE takes the low half (val & 0x8000009F); INT_VECTOR ignores the rest.
+            try bus.writeq(TIS.reg(0, TIS.intEnable), 0x0000_0009_8000_0081)
+            #expect(try bus.readl(TIS.reg(0, TIS.intEnable)) == 0x8000_0081)
+            #expect(try bus.readl(TIS.reg(0, TIS.intVector)) == 0x05)
+        }
+
         @Test("4-byte FIFO reads are little-endian")
         func dwordFIFORead() throws {
             let m = try startMachine()
