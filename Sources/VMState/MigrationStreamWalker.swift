@@ -397,6 +397,9 @@ public final class MigrationStreamWalker {
     }
 
     /// Whether `b` (the bytes after a candidate footer) can only be the start of the next record.
+    /// The window asked for is longer than any check, so a short `b` means the stream ends in it:
+    /// a record cut short there is accepted, and reading it then reports the truncation where it
+    /// is.
     private func plausibleNext(_ b: ArraySlice<UInt8>) -> Bool {
         guard let t = b.first else { return true }
         let s = b.startIndex
@@ -409,18 +412,18 @@ public final class MigrationStreamWalker {
             guard b.count > 1 else { return true }
             return b[s + 1] == SectionType.vmDescription.rawValue && (b.count < 7 || b[s + 6] == UInt8(ascii: "{"))
         case .start, .full:
-            guard b.count >= 6 else { return false }
+            guard b.count >= 6 else { return true }
             let len = Int(b[s + 5])
-            guard len > 0, b.count >= 6 + len,
-                  b[(s + 6)..<(s + 6 + len)].allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else { return false }
+            let name = b[(s + 6)..<min(b.endIndex, s + 6 + len)]
+            guard len > 0, name.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else { return false }
             if let inst = be32(s + 6 + len), inst >= 1 << 24 { return false }
             if let ver = be32(s + 10 + len), ver >= 1 << 16 { return false }
             return true
         case .part, .end:
-            guard let id = be32(s + 1) else { return false }
+            guard let id = be32(s + 1) else { return true }
             return open[id] != nil
         case .command:
-            guard b.count >= 3 else { return false }
+            guard b.count >= 3 else { return true }
             return MigrationCommandID(rawValue: UInt16(b[s + 1]) << 8 | UInt16(b[s + 2])) != nil
         default:
             return false
