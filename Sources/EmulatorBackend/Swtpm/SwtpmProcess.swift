@@ -12,7 +12,7 @@ import Glibc
 ///   (read it with `diagnosticOutput()`), and no other descriptor of ours: all of ours are
 ///   close-on-exec and the child closes everything from fd 3 up
 ///   (`posix_spawn_file_actions_addclosefrom_np`).
-/// - `launch` returns once the ctrl socket accepts a connection; `terminate`/`kill` reap the
+/// - `launch` returns once swtpm answers on its ctrl socket; `terminate`/`kill` reap the
 ///   child, and `deinit` terminates it, so no zombie and no orphan is left behind.
 public final class SwtpmProcess: @unchecked Sendable {
     /// How to start swtpm. Paths may be relative; `launch` makes them absolute.
@@ -158,8 +158,8 @@ public final class SwtpmProcess: @unchecked Sendable {
 
     // MARK: Launch
 
-    /// Starts swtpm as a direct child and waits until its ctrl socket accepts a connection
-    /// (and, with `--server`, until the data socket exists). On any failure the child is
+    /// Starts swtpm as a direct child and waits until its ctrl socket accepts a connection and
+    /// answers CMD_GET_CAPABILITY on it (and, with `--server`, until the data socket exists). On any failure the child is
     /// killed and reaped and a `.process` (or `.timeout`) error carries swtpm's own output.
     public static func launch(_ options: Options, timeout: Double = 10) throws(BackendError) -> SwtpmProcess {
         let o = resolved(options)
@@ -291,15 +291,19 @@ public final class SwtpmProcess: @unchecked Sendable {
         let ctrl = ctrlEndpoint
         var lastError: BackendError? = nil
         // 1. The ctrl socket accepts a connection (swtpm binds it first, in
-        //    handle_ctrlchannel_options). The probe connection is closed at once; swtpm sees
-        //    EOF and goes back to listening.
+        //    handle_ctrlchannel_options) and answers CMD_GET_CAPABILITY on it: swtpm is in its
+        //    main loop and has taken the probe off its listen queue. (A probe merely left in
+        //    the queue would fill swtpm's backlog, and swtpm_ioctl gives up on a full backlog.)
+        //    The probe is then closed; swtpm sees EOF and serves the next client.
         while true {
             if let status = pollExit() {
                 throw BackendError(.process, "swtpm exited during startup (\(Self.describe(status)))")
             }
-            do {
+            do throws(BackendError) {
                 let s = try SwtpmSocket.connect(to: ctrl, timeout: 0.25, label: "ctrl probe")
-                s.close()
+                let probe = SwtpmCtrlClient(socket: s, timeout: max(0.01, min(1, deadline - monotonicNow())))
+                defer { probe.close() }
+                _ = try probe.transact(SwtpmCtrl.GetCapability())
                 break
             } catch {
                 lastError = error
