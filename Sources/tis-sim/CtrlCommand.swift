@@ -208,9 +208,14 @@ struct Ctrl: ParsableCommand {
                 Self.write(1, "{\"command\":\"\(op.code.name)\",\"ok\":false,\"error\":\(Self.quote(error.description)),\"code\":\"\(error.code.rawValue)\"}\n")
                 throw ExitCode.failure
             }
+            // swtpm_ioctl's open_connection / connect_nonblock messages.
+            let reason = error.errno.map { String(cString: strerror($0)) } ?? error.message
             switch endpoint {
-            case .unix: throw fail("Could not connect using UnixIO socket: \(error.message)\n")
-            case .tcp(let h, let p): throw fail("Could not connect to host '\(h)' on port '\(p)' using TCP socket: \(error.message)\n")
+            case .unix:
+                if error.errno != nil && error.code != .timeout { throw fail("Connect failed: \(reason)\n") }
+                throw fail("Could not connect using UnixIO socket.\n")
+            case .tcp(let h, let p):
+                throw fail("Could not connect to host '\(h)' on port '\(p)' using TCP socket: \(reason)\n")
             }
         }
         let outcome = SwtpmIoctl.run(op, client: client)
