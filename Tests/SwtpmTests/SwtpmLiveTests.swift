@@ -422,6 +422,27 @@ struct SwtpmLiveTests {
         #expect(rc(try run(runner, TPM2.getRandom(4))) == 0)                   // both channels in step
     }
 
+    // MARK: Cost
+
+    /// Generous bounds (the suite runs tests in parallel on 2 cores): a ctrl round trip and a
+    /// data round trip well under a millisecond on average, a whole state round trip (3×
+    /// GET_STATEBLOB, STOP, 2× SET_STATEBLOB, INIT) under 20 ms. Release-build numbers on this
+    /// machine are in the commit history; these only catch a regression by orders of magnitude.
+    @Test func roundTripCost() throws {
+        let tpm = try LiveSwtpm("cost")
+        let (be, runner) = try tpm.startedBackend()
+        defer { be.shutdown() }
+        #expect(rc(try run(runner, TPM2.startup())) == 0)
+        let ctrl = try elapsed { for _ in 0..<200 { _ = try be.ctrl.capabilities() } } / 200
+        let cmd = TPMBackendCommand(locality: 0, bytes: TPM2.getRandom(32), maxResponseSize: 4096)
+        let data = try elapsed { for _ in 0..<200 { _ = try be.execute(cmd) } } / 200
+        let state = try elapsed { for _ in 0..<10 { try be.restoreState(try be.saveState()) } } / 10
+        #expect(ctrl < 0.002, "ctrl \(ctrl)")
+        #expect(data < 0.002, "data \(data)")
+        #expect(state < 0.02, "state \(state)")
+        #expect(rc(try run(runner, TPM2.getRandom(8))) == 0)
+    }
+
     // MARK: TPM 1.2
 
     @Test func tpm12PersonalityProbeSelftestAndState() throws {

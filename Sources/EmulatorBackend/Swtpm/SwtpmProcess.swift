@@ -169,6 +169,11 @@ public final class SwtpmProcess: @unchecked Sendable {
         guard let exe = o.executable ?? findExecutable() else {
             throw BackendError(.process, "swtpm not found (set $SWTPM or install swtpm; scripts/install-deps.sh)", errno: ENOENT)
         }
+        // sun_path holds 107 bytes and a NUL: refuse a longer path now rather than letting
+        // swtpm fail to bind and the readiness wait run into its timeout.
+        for case .unix(let path) in [ctrlEndpoint(of: o), dataEndpoint(of: o)] where path.utf8.count > 107 {
+            throw BackendError(.process, "UnixIO socket path longer than 107 bytes: \(path)", errno: ENAMETOOLONG)
+        }
         try makeDirectories(o.stateDirectory)
         if case .unix(let path) = ctrlEndpoint(of: o) { try removeStaleSocket(path) }
         if let p = o.dataSocketPath, o.tcpDataPort == nil { try removeStaleSocket(p) }
