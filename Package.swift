@@ -44,7 +44,8 @@ let package = Package(
         .testTarget(name: "TISTests", dependencies: ["TISConformance", "TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
         .testTarget(name: "EmulatorBackendTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat"]),
         .testTarget(name: "SwtpmTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat", "QEMUHarness"]),
-        .testTarget(name: "VMStateTests", dependencies: ["VMState", "TIS", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISDriver"]),
+        .testTarget(name: "VMStateTests", dependencies: ["VMState", "TIS", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISDriver"],
+                    exclude: ["Fixtures"]),
         .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )
