@@ -123,6 +123,8 @@ struct RAMWalker {
                 }
             }
 
+            // Only used for captured blocks, whose length (≤ maximumCapturedBlockSize) bounds addr.
+            let at = Int(truncatingIfNeeded: addr)
             switch flags.subtracting(.continue) {
             case .memSize:
                 summary.totalSize = addr
@@ -130,26 +132,26 @@ struct RAMWalker {
             case .zero:
                 let fill = try input.readUInt8("ram.zero_fill")
                 summary.zeroPages += 1
-                if lastCaptured { fillCaptured(block, at: Int(addr), byte: fill) }
+                if lastCaptured { fillCaptured(block, at: at, byte: fill) }
             case .page:
                 summary.pages += 1
                 if lastCaptured {
-                    try copyCaptured(block, at: Int(addr), input)
+                    try copyCaptured(block, at: at, input)
                 } else {
                     try input.skip(pageSize, "ram.page")
                 }
             case .compressPage:
-                let at = input.offset
+                let lenAt = input.offset
                 let len = try input.readBigEndianUInt32("ram.compressed_length")
                 guard Int(len) <= Self.compressBound(pageSize) else {
-                    throw StreamError(.lengthOverLimit, section: "ram", field: "ram.compressed_length", offset: at,
+                    throw StreamError(.lengthOverLimit, section: "ram", field: "ram.compressed_length", offset: lenAt,
                                       detail: "Invalid compressed data length: \(len) (bound \(Self.compressBound(pageSize)))")
                 }
                 try input.skip(Int(len), "ram.compressed_data")
                 summary.compressedPages += 1
-                if lastCaptured { markUndecoded(block, at: Int(addr)) }
+                if lastCaptured { markUndecoded(block, at: at) }
             case .xbzrle:
-                try loadXBZRLE(input, block: block, addr: Int(addr))
+                try loadXBZRLE(input, block: block, addr: at)
                 summary.xbzrlePages += 1
             case .eos:
                 return summary

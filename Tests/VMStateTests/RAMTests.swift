@@ -209,6 +209,32 @@ struct RAMTests {
         ])
     }
 
+    /// Regression: a block as large as the stream says and a record address above Int.max must
+    /// neither trap nor allocate; uncaptured pages are only skipped.
+    @Test("a 2^64-sized block and a record at 2^63: walked, nothing allocated")
+    func hugeAddresses() throws {
+        var w = ByteWriter()
+        w.writeUInt8(SectionType.start.rawValue)
+        w.writeBigEndianUInt32(2)
+        w.writeUInt8PrefixedString("ram")
+        w.writeBigEndianUInt32(0)
+        w.writeBigEndianUInt32(4)
+        w.writeBigEndianUInt64(0xFFFF_FFFF_FFFF_F000 | RAMSaveFlags.memSize.rawValue)
+        w.writeUInt8PrefixedString("tpm-ppi")
+        w.writeBigEndianUInt64(0xFFFF_FFFF_FFFF_F000)
+        w.writeBigEndianUInt64(RAMSaveFlags.eos.rawValue)
+        w.writeUInt8(0x7E)
+        w.writeBigEndianUInt32(2)
+        let records = Self.record(0x8000_0000_0000_0000, .xbzrle, block: "tpm-ppi", [1, 0, 2, 0, 1])
+            + Self.record(0xFFFF_FFFF_FFFF_E000, [.page, .continue], Self.page)
+            + Self.record(0xFFFF_FFFF_FFFF_E000, [.zero, .continue], [0])
+        let (bytes, _) = try Self.stream(records, setup: w.bytes)
+        let (walker, _) = try walkAll(.bytes(bytes))
+        #expect(walker.capturedRAMBlocks.isEmpty)
+        #expect(walker.ramBlocks["tpm-ppi"] == 0xFFFF_FFFF_FFFF_F000)
+        #expect(walker.statistics.pages == 1 && walker.statistics.zeroPages == 1 && walker.statistics.xbzrlePages == 1)
+    }
+
     @Test("xbzrle_decode_buffer: runs, overflow, bad encodings")
     func xbzrle() {
         var dst = [UInt8](repeating: 0xEE, count: 16)
