@@ -325,7 +325,7 @@ struct SwtpmDataChannelTests {
     static let badReplies: [BadReply] = [
         BadReply(name: "size below the header", reply: "8001 00000004 00000000", closeAfter: false, code: .protocolViolation),
         BadReply(name: "size zero", reply: "8001 00000000 00000000", closeAfter: false, code: .protocolViolation),
-        BadReply(name: "size beyond the frontend buffer (QEMU hazard §9.20)", reply: "8001 00001001 00000000", closeAfter: false, code: .protocolViolation),
+        BadReply(name: "size above any TPM response", reply: "8001 00010001 00000000", closeAfter: false, code: .protocolViolation),
         BadReply(name: "size 4 GiB", reply: "8001 ffffffff 00000000", closeAfter: false, code: .protocolViolation),
         BadReply(name: "EOF inside the header", reply: "8001 0000", closeAfter: true, code: .connectionClosed),
         BadReply(name: "EOF inside the body", reply: "8001 00000020 00000000 0102", closeAfter: true, code: .connectionClosed),
@@ -349,6 +349,24 @@ struct SwtpmDataChannelTests {
         #expect(t < 0.55)
         // Out of step now: refuse at once.
         expectBackendError(.connectionClosed) { _ = try ch.exchange(Self.getRandom, maxResponseSize: 4096, timeout: 0.3, operation: "x") }
+        peer.finish()
+    }
+
+    /// QEMU hazard §9.20: a response larger than the frontend's buffer is never copied; it is
+    /// read and dropped, so the channel stays in step for the next command.
+    @Test func responseBeyondTheFrontendBufferIsDroppedInStep() throws {
+        let (sock, peer) = try FakePeer.start { p in
+            p.read(12)
+            p.write([0x80, 0x01, 0, 0, 0, 0x40, 0, 0, 0, 0] + [UInt8](repeating: 7, count: 0x40 - 10))
+            p.read(12)
+            p.write(hex: "8001 0000000c 00000000 0000")
+        }
+        let ch = SwtpmDataChannel(socket: sock)
+        expectBackendError(.protocolViolation, operation: "TPM command") {
+            _ = try ch.exchange(Self.getRandom, maxResponseSize: 32, timeout: 1, operation: "TPM command")
+        }
+        #expect(try ch.exchange(Self.getRandom, maxResponseSize: 32, timeout: 1, operation: "TPM command").hexString
+                == "80010000000c000000000000")
         peer.finish()
     }
 }

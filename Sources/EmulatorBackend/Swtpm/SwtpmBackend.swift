@@ -17,6 +17,14 @@ import Glibc
 ///   gives a typed error (`.connectionClosed`, `.timeout`), and `BackendRunner` then answers the
 ///   guest with QEMU's fatal-error response. A failed backend stays failed; build a new
 ///   `SwtpmBackend` (over a new swtpm) to replace it.
+///
+/// Trust: swtpm is a separate process and its replies are input. A broken or hostile swtpm can
+/// stall (→ `.timeout`), die (→ `.connectionClosed`), or send wrong lengths and garbage
+/// (→ `.protocolViolation`; a length is checked against a named limit before anything is
+/// allocated: state blobs ≤ `SwtpmBlob.maximumSize`, GET_INFO chunks ≤ 3 KiB, TPM responses
+/// ≤ the frontend's buffer). It cannot make this process trap, hang, or hand the frontend more
+/// bytes than its buffer holds; after a reply that leaves a channel out of step, that channel
+/// is closed rather than guessed at.
 public final class SwtpmBackend: TPMBackend, @unchecked Sendable {
     /// Where swtpm listens and how long to wait for it.
     public struct Configuration: Sendable {
@@ -208,7 +216,12 @@ public final class SwtpmBackend: TPMBackend, @unchecked Sendable {
     /// runs-on-this-machine.md §8) or take the excess of a long one for the next command. They
     /// are answered here with the TPM's own "wrong command size" error: TPM 2.0
     /// `80 01 00 00 00 0a 00 00 01 42` (TPM_ST_NO_SESSIONS, TPM_RC_COMMAND_SIZE); TPM 1.2
-    /// `00 c4 00 00 00 0a 00 00 00 19` (TPM_TAG_RSP_COMMAND, TPM_BAD_PARAM_SIZE).
+    /// `00 c4 00 00 00 0a 00 00 00 19` (TPM_TAG_RSP_COMMAND, TPM_BAD_PARAM_SIZE), cut to
+    /// `maxResponseSize`.
+    ///
+    /// A response is checked before it is read: `10 ≤ size ≤ command.maxResponseSize` (QEMU
+    /// copies whatever swtpm announces: hazard §9.20). One that does not fit is dropped with
+    /// `.protocolViolation` (see `SwtpmDataChannel`).
     public func execute(_ command: TPMBackendCommand) throws(BackendError) -> TPMBackendResponse {
         let bytes = command.bytes
         let op = Self.operationName(bytes)
