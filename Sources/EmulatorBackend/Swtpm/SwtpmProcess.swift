@@ -145,8 +145,9 @@ public final class SwtpmProcess: @unchecked Sendable {
 
     /// The swtpm binary to run: `$SWTPM`, else `swtpm` on `$PATH`, else nil.
     public static func findExecutable() -> String? {
-        if let env = getenv("SWTPM"), let s = Optional(String(cString: env)), !s.isEmpty {
-            return access(s, X_OK) == 0 ? s : nil
+        if let env = getenv("SWTPM") {
+            let s = String(cString: env)
+            if !s.isEmpty { return access(s, X_OK) == 0 ? s : nil }
         }
         let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/local/bin:/usr/bin:/bin"
         for dir in path.split(separator: ":") where !dir.isEmpty {
