@@ -15,6 +15,7 @@ public struct MigrationConfiguration: Sendable, Equatable {
     /// Stream offset of the 0x07 byte.
     public var offset: Int
 
+    /// Builds a configuration; only `machineType` is needed for a QEMU 7.2 x86 stream.
     public init(machineType: String, targetPageBits: UInt32? = nil, capabilities: [String]? = nil,
                 uuid: [UInt8]? = nil, offset: Int = -1) {
         self.machineType = machineType

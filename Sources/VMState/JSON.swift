@@ -8,6 +8,7 @@ public indirect enum JSONValue: Equatable, Sendable {
     case bool(Bool)
     case null
 
+    /// Structural equality; object members compare in order.
     public static func == (a: JSONValue, b: JSONValue) -> Bool {
         switch (a, b) {
         case (.object(let x), .object(let y)):
@@ -28,8 +29,11 @@ public indirect enum JSONValue: Equatable, Sendable {
         return members.first { $0.0 == key }?.1
     }
 
+    /// The string, if this is one.
     public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
+    /// The integer, if this is one.
     public var intValue: Int64? { if case .integer(let i) = self { i } else { nil } }
+    /// The elements, if this is an array.
     public var arrayValue: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
 }
 

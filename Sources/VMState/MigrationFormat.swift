@@ -18,6 +18,7 @@ public enum MigrationFormat {
     public static let defaultPageSize = 4096
     /// The machine types of the compatibility target.
     public static let i440fxMachineType = "pc-i440fx-7.2"
+    /// The q35 machine type of the compatibility target.
     public static let q35MachineType = "pc-q35-7.2"
 }
 

@@ -33,26 +33,37 @@ public enum MigrationStreamEvent: Sendable {
 
 /// A QEMU_VM_COMMAND record (`loadvm_process_command`).
 public struct MigrationCommand: Sendable, Equatable {
+    /// The command (`MIG_CMD_*`).
     public var id: MigrationCommandID
+    /// Its argument bytes (`len` of them).
     public var data: [UInt8]
+    /// Stream offset of the 0x08 byte.
     public var offset: Int
 }
 
 /// A section as read: header (START/FULL carry idstr, instance and version; PART/END take them
 /// from their START), where its body lies, and what the body turned into.
 public struct MigrationSection: Sendable {
+    /// START, PART, END or FULL.
     public var type: SectionType
+    /// The stream-local id the footer repeats (assigned at registration; not stable across machines).
     public var sectionID: UInt32
+    /// The section name (`tpm-tis`, `ram`, `0000:00:01.3/piix4_pm`).
     public var idstr: String
+    /// `instance_id`: 0 for the first registration of an idstr.
     public var instanceID: UInt32
+    /// `version_id` of the saved vmstate.
     public var versionID: UInt32
     /// Stream offset of the type byte.
     public var offset: Int
     /// Stream offset of the first body byte, and the body length (footer excluded).
     public var bodyOffset: Int
+    /// Body length (footer excluded).
     public var bodyLength: Int
+    /// What the body turned into.
     public var content: Content
 
+    /// What a section body became.
     public enum Content: Sendable {
         case ram(RAMSectionSummary)
         case tpmTIS(TISState)
@@ -68,14 +79,23 @@ public struct MigrationSection: Sendable {
 
 /// Counters of a walk.
 public struct MigrationWalkStatistics: Sendable, Equatable {
+    /// Stream bytes consumed so far.
     public var bytesRead = 0
+    /// Sections read, footers included.
     public var sections = 0
+    /// `ram` sections walked.
     public var ramSections = 0
+    /// Device sections decoded with a vmdesc or caller-supplied description.
     public var decodedSections = 0
+    /// Sections crossed by the footer scan.
     public var skippedSections = 0
+    /// RAM_SAVE_FLAG_ZERO records in all RAM sections.
     public var zeroPages = 0
+    /// RAM_SAVE_FLAG_PAGE records.
     public var pages = 0
+    /// RAM_SAVE_FLAG_XBZRLE records.
     public var xbzrlePages = 0
+    /// RAM_SAVE_FLAG_COMPRESS_PAGE records (skipped).
     public var compressedPages = 0
     /// A byte other than 0x06 after EOF (QEMU: "Expected vmdescription section, but got N").
     public var unexpectedTrailer: UInt8?
@@ -94,7 +114,9 @@ public struct MigrationWalkStatistics: Sendable, Equatable {
 /// Memory stays bounded for any stream size: one input buffer, RAM pages never kept (captured
 /// small blocks aside), every length checked against a named limit before allocation.
 public final class MigrationStreamWalker {
+    /// How a walk treats what it meets.
     public struct Options: Sendable {
+        /// What to do with sections nothing describes.
         public var unknownSections: UnknownSectionPolicy = .scanForFooter
         /// Descriptions by section idstr, used when the stream's vmdesc is not available (a pipe).
         public var descriptions: [String: VMStateDescription] = [:]
@@ -107,16 +129,22 @@ public final class MigrationStreamWalker {
         public var decodeDevices = true
         /// RAM blocks whose pages are kept (each at most `maximumCapturedBlockSize`).
         public var captureRAMBlocks: Set<String> = [PPIBlock.name, CRBSection.commandBufferBlock]
+        /// Blocks larger than this are never captured.
         public var maximumCapturedBlockSize = 64 * 1024
+        /// More RAM blocks than this in a START section are refused.
         public var maximumRAMBlocks = 4096
+        /// RAM_SAVE_FLAG_COMPRESS_PAGE records: skipped (default) or refused.
         public var compressedPages: CompressedPagePolicy = .skip
         /// Bodies of skipped sections are kept up to this size.
         public var retainedUnknownSectionBytes = 64 * 1024
+        /// What decoding device sections keeps in memory.
         public var limits = VMStateLimits()
         /// Target page size when neither the vmdesc nor the configuration gives it.
         public var defaultPageSize = MigrationFormat.defaultPageSize
+        /// Size of the one input buffer.
         public var chunkSize = MigrationInput.defaultChunkSize
 
+        /// The defaults: scan for footers, capture `tpm-ppi` and `tpm-crb-cmd`.
         public init() {}
     }
 
@@ -129,6 +157,7 @@ public final class MigrationStreamWalker {
     private enum Phase { case header, afterHeader, sections, trailer, done }
 
     private let input: MigrationInput
+    /// The options the walk runs with.
     public let options: Options
     private var phase = Phase.header
     private var open: [UInt32: OpenSection] = [:]
@@ -137,7 +166,9 @@ public final class MigrationStreamWalker {
     /// The vmdesc in use (from the options, the end of the file, or the trailer once read).
     public private(set) var vmDescription: VMDescription?
     private var vmDescriptionOffset: Int?
+    /// The CONFIGURATION record, once read.
     public private(set) var configuration: MigrationConfiguration?
+    /// Counters so far.
     public private(set) var statistics = MigrationWalkStatistics()
 
     /// Opens a stream. For a regular file (and with `readTrailingVMDescription`), the vmdesc is

@@ -9,6 +9,7 @@ public struct RAMBlockInfo: Sendable, Equatable {
     /// The memory region address, present with `x-ignore-shared`.
     public var regionAddress: UInt64?
 
+    /// A block as declared.
     public init(name: String, length: UInt64, pageSize: UInt64? = nil, regionAddress: UInt64? = nil) {
         self.name = name
         self.length = length
@@ -39,6 +40,7 @@ public struct RAMSectionSummary: Sendable, Equatable {
     /// All records including the final EOS.
     public var records = 0
 
+    /// An empty summary.
     public init() {}
 }
 
@@ -53,7 +55,9 @@ public enum CompressedPagePolicy: Sendable, Equatable {
 
 /// A small RAM block whose pages were kept (the PPI page, the CRB command buffer).
 public struct CapturedRAMBlock: Sendable, Equatable {
+    /// The block name.
     public var name: String
+    /// The block contents (its whole `used_length`).
     public var bytes: [UInt8]
     /// Pages received at least once, by page index.
     public var received: [Bool]

@@ -8,6 +8,7 @@ import WireFormat
 /// of the element being read. The codes follow the failures of QEMU's loader
 /// (`qemu_loadvm_state`, `qemu_loadvm_state_main`, `vmstate_load_state`, `ram_load_precopy`).
 public struct StreamError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// What went wrong; callers switch on it.
     public enum Code: String, Sendable, Equatable {
         /// The stream ended inside an element.
         case truncated
@@ -52,6 +53,7 @@ public struct StreamError: Error, Equatable, Sendable, CustomStringConvertible {
         case io
     }
 
+    /// What went wrong.
     public var code: Code
     /// The section being read (`tpm-tis`, `ram`, `configuration`, `header`, `vmdesc`, ...), or
     /// empty between sections.
@@ -60,8 +62,10 @@ public struct StreamError: Error, Equatable, Sendable, CustomStringConvertible {
     public var field: String
     /// Absolute offset from the first byte of the stream of the element being read.
     public var offset: Int
+    /// What was found, in words (QEMU's own message where it has one).
     public var detail: String
 
+    /// An error at `offset` in `section`, reading `field`.
     public init(_ code: Code, section: String = "", field: String, offset: Int, detail: String = "") {
         self.code = code
         self.section = section

@@ -20,6 +20,7 @@ public struct TPMMigrationState: Sendable, Equatable {
     /// The `tpm-ppi` RAM block (page-rounded; the guest sees the first 0x400 bytes).
     public var ppi: [UInt8]?
 
+    /// A state to write; the parts left nil are absent from the stream.
     public init(machineType: String, tis: TISState? = nil, crbRegisters: [UInt32]? = nil,
                 crbCommandBuffer: [UInt8]? = nil, emulatorBlobs: TPMStateBlobs? = nil, ppi: [UInt8]? = nil) {
         self.machineType = machineType
@@ -75,11 +76,15 @@ public struct TPMMigrationState: Sendable, Equatable {
     /// Section ids and trailer of a TPM-only stream. Ids are arbitrary (the destination matches
     /// sections by idstr); the defaults are those QEMU 7.2 gives a `pc` machine.
     public struct StreamOptions: Sendable, Equatable {
+        /// Section id of `ram` (START and END).
         public var ramSectionID: UInt32 = 2
+        /// Section id of `tpm-emulator`.
         public var emulatorSectionID: UInt32 = 4
+        /// Section id of `tpm-tis` (or `tpm-crb`).
         public var deviceSectionID: UInt32 = 40
         /// Append the vmdesc trailer (QEMU only warns without it).
         public var includeVMDescription = true
+        /// QEMU 7.2 `pc` ids.
         public init() {}
     }
 

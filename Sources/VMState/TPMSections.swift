@@ -121,6 +121,7 @@ public enum TISSection {
 /// version 0: for each of permanent, volatile ("volatil"), savestate: be32 flags, be32 size,
 /// `size` raw bytes. Sizes are checked against `SwtpmBlob.maximumSize` before allocation.
 public enum EmulatorSection {
+    /// The section idstr (the backend object has no qdev path).
     public static let idstr = "tpm-emulator"
     /// The largest blob accepted (swtpm refuses SET_STATEBLOB above it).
     public static let maximumBlobSize = SwtpmBlob.maximumSize
@@ -129,6 +130,7 @@ public enum EmulatorSection {
         (.permanent, "permanent"), (.volatile, "volatil"), (.savestate, "savestate"),
     ]
 
+    /// `vmstate_tpm_emulator`.
     public static let description = VMStateDescription(name: "tpm-emulator", versionID: 0, fields: names.flatMap { _, n in
         [
             VMStateField("state_blobs.\(n)_flags", .uint32),
@@ -137,6 +139,7 @@ public enum EmulatorSection {
         ]
     })
 
+    /// The value tree of three blobs.
     public static func object(_ b: TPMStateBlobs) -> VMStateObject {
         VMStateObject(name: description.name, versionID: 0, fields: names.flatMap { t, n in
             [
@@ -147,14 +150,17 @@ public enum EmulatorSection {
         })
     }
 
+    /// The section body for three blobs (each at most `maximumBlobSize`).
     public static func encode(_ b: TPMStateBlobs, baseOffset: Int = 0) throws(StreamError) -> [UInt8] {
         try description.encode(object(b), baseOffset: baseOffset, section: idstr)
     }
 
+    /// Decodes a section body that starts at stream offset `baseOffset`.
     public static func decode(_ bytes: [UInt8], version: UInt32 = 0, baseOffset: Int = 0) throws(StreamError) -> TPMStateBlobs {
         try blobs(from: description.decode(bytes, version: version, baseOffset: baseOffset, section: idstr))
     }
 
+    /// The blobs of a decoded `tpm-emulator` tree.
     public static func blobs(from o: VMStateObject) throws(StreamError) -> TPMStateBlobs {
         var out = TPMStateBlobs()
         for (t, n) in names {
@@ -172,31 +178,38 @@ public enum EmulatorSection {
 /// The `tpm-crb` section: QEMU's `vmstate_tpm_crb` (hw/tpm/tpm_crb.c), version 0: the 32
 /// registers 0x00–0x7C as be32. The command buffer travels as the RAM block `tpm-crb-cmd`.
 public enum CRBSection {
+    /// The section idstr.
     public static let idstr = "tpm-crb"
     /// `TPM_CRB_R_MAX`.
     public static let registerCount = 32
+    /// Body size: 32 × be32.
     public static let payloadSize = 128
     /// The RAM block holding the command/response buffer.
     public static let commandBufferBlock = "tpm-crb-cmd"
 
+    /// `vmstate_tpm_crb`.
     public static let description = VMStateDescription(name: "tpm-crb", versionID: 0, fields: [
         VMStateField("regs", .array(count: registerCount, of: .uint32)),
     ])
 
+    /// The value tree of the register file.
     public static func object(_ regs: [UInt32]) -> VMStateObject {
         VMStateObject(name: description.name, versionID: 0, fields: [
             VMStateFieldValue(name: "regs", value: .array(regs.map { .unsigned(UInt64($0)) })),
         ])
     }
 
+    /// The section body for 32 registers.
     public static func encode(_ regs: [UInt32], baseOffset: Int = 0) throws(StreamError) -> [UInt8] {
         try description.encode(object(regs), baseOffset: baseOffset, section: idstr)
     }
 
+    /// Decodes a section body that starts at stream offset `baseOffset`.
     public static func decode(_ bytes: [UInt8], version: UInt32 = 0, baseOffset: Int = 0) throws(StreamError) -> [UInt32] {
         try registers(from: description.decode(bytes, version: version, baseOffset: baseOffset, section: idstr))
     }
 
+    /// The registers of a decoded `tpm-crb` tree.
     public static func registers(from o: VMStateObject) throws(StreamError) -> [UInt32] {
         guard let items = o["regs"]?.value.arrayValue, items.count == registerCount else {
             throw StreamError(.invalidField, section: idstr, field: "regs", offset: o.fields.first?.offset ?? -1, detail: "missing")
@@ -208,6 +221,7 @@ public enum CRBSection {
 /// The PPI RAM block (`tpm-ppi`, hw/tpm/tpm_ppi.c): 0x400 bytes used, page-rounded, migrated in
 /// the `ram` section.
 public enum PPIBlock {
+    /// The RAM block name.
     public static let name = "tpm-ppi"
     /// `TPM_PPI_ADDR_SIZE`.
     public static let usedSize = 0x400

@@ -7,10 +7,12 @@ public struct VMDescription: Sendable {
     public struct Device: Sendable {
         /// The section idstr (`0000:00:01.3/piix4_pm`, `tpm-tis`).
         public var name: String
+        /// The section instance_id.
         public var instanceID: UInt32
         /// The vmsd converted to a schema (sizes as written), or nil when the entry cannot be
         /// used to decode (then `problem` says why).
         public var description: VMStateDescription?
+        /// Why `description` is nil.
         public var problem: String?
         /// The entry as parsed.
         public var json: JSONValue
@@ -18,6 +20,7 @@ public struct VMDescription: Sendable {
 
     /// `page_size`: TARGET_PAGE_SIZE of the source.
     public var pageSize: Int
+    /// The `devices[]` entries, in stream order.
     public var devices: [Device]
     /// The whole JSON as parsed.
     public var json: JSONValue

@@ -7,6 +7,7 @@ public struct VMStateLimits: Sendable, Equatable {
     /// Arrays with more elements are refused (`lengthOverLimit`).
     public var maximumArrayElements: Int
 
+    /// Limits; the defaults keep 1 MiB per field and 2^20 elements per array.
     public init(maximumRetainedFieldSize: Int = 1 << 20, maximumArrayElements: Int = 1 << 20) {
         self.maximumRetainedFieldSize = maximumRetainedFieldSize
         self.maximumArrayElements = maximumArrayElements

@@ -14,6 +14,7 @@ public struct VMStateDescription: Sendable, Equatable {
     /// `subsections`: each loaded when the stream carries it (0x05 + name + be32 version).
     public var subsections: [VMStateDescription]
 
+    /// A description; `minimumVersionID` 0 as when QEMU leaves it unset.
     public init(name: String, versionID: UInt32, minimumVersionID: UInt32 = 0,
                 fields: [VMStateField], subsections: [VMStateDescription] = []) {
         self.name = name
@@ -30,12 +31,15 @@ public struct VMStateDescription: Sendable, Equatable {
 /// One `VMStateField`: a name (the C member expression QEMU prints in vmdesc), how it is
 /// encoded, and the first stream version that carries it (`version_id`).
 public struct VMStateField: Sendable, Equatable {
+    /// The C member expression (`state.rw_offset`).
     public var name: String
+    /// How it is encoded.
     public var kind: VMStateFieldKind
     /// The field is on the wire only when the stream version is at least this
     /// (`field->version_id <= version_id` in `vmstate_load_state`).
     public var versionID: UInt32
 
+    /// A field present from stream version `versionID` on.
     public init(_ name: String, _ kind: VMStateFieldKind, versionID: UInt32 = 0) {
         self.name = name
         self.kind = kind

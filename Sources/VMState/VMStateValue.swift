@@ -16,9 +16,13 @@ public indirect enum VMStateValue: Sendable, Equatable {
     /// A field larger than the retention limit: skipped on the wire, not kept.
     case skipped(byteCount: Int)
 
+    /// The value of an unsigned field.
     public var unsignedValue: UInt64? { if case .unsigned(let v) = self { v } else { nil } }
+    /// The bytes of a buffer field.
     public var bytesValue: [UInt8]? { if case .bytes(let b) = self { b } else { nil } }
+    /// The tree of a structure field.
     public var objectValue: VMStateObject? { if case .structure(let o) = self { o } else { nil } }
+    /// The elements of an array field.
     public var arrayValue: [VMStateValue]? { if case .array(let a) = self { a } else { nil } }
 }
 
@@ -26,10 +30,12 @@ public indirect enum VMStateValue: Sendable, Equatable {
 public struct VMStateFieldValue: Sendable, Equatable {
     /// The C member expression, as in the description (`state.rw_offset`).
     public var name: String
+    /// The decoded value.
     public var value: VMStateValue
     /// Absolute stream offset of the field's first byte; -1 for a value built in memory.
     public var offset: Int
 
+    /// A field value; `offset` -1 when built in memory.
     public init(name: String, value: VMStateValue, offset: Int = -1) {
         self.name = name
         self.value = value
@@ -48,6 +54,7 @@ public struct VMStateObject: Sendable, Equatable {
     /// The subsections present, in wire order.
     public var subsections: [VMStateObject]
 
+    /// A tree to save, or as loaded.
     public init(name: String, versionID: UInt32, fields: [VMStateFieldValue], subsections: [VMStateObject] = []) {
         self.name = name
         self.versionID = versionID
