@@ -76,6 +76,17 @@ final class FakePeer: @unchecked Sendable {
     func write(hex: String) { write([UInt8](hexString: hex) ?? []) }
 
     func close() { _ = shutdown(fd, Int32(SHUT_RDWR)) }
+
+    /// Stalls: sends nothing more until the client side goes away (EOF), at most 5 s.
+    func stallUntilClientCloses() {
+        let deadline = monotonicNow() + 5
+        var b = [UInt8](repeating: 0, count: 256)
+        while monotonicNow() < deadline {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 50) >= 0 else { return }
+            if p.revents != 0 && recv(fd, &b, b.count, Int32(MSG_DONTWAIT)) == 0 { return }
+        }
+    }
 }
 
 func elapsed(_ body: () throws -> Void) rethrows -> Double {
@@ -150,7 +161,7 @@ struct SwtpmFakePeerTests {
         expectBackendError(.connectionClosed, operation: "CMD_GET_CONFIG") { _ = try client.configuration() }
         // The channel is not trusted any more: the next call fails at once.
         let t = elapsed { expectBackendError(.connectionClosed, operation: "CMD_STOP") { try client.stop() } }
-        #expect(t < 0.1)
+        #expect(t < 0.5)
         peer.finish()
     }
 
@@ -169,11 +180,11 @@ struct SwtpmFakePeerTests {
         let (sock, peer) = try FakePeer.start { p in
             p.read(16)
             p.write(hex: "00000000 00000000 7fffffff 7fffffff")
-            usleep(300_000)
+            p.stallUntilClientCloses()
         }
         let client = SwtpmCtrlClient(socket: sock, timeout: 2)
         let t = elapsed { expectBackendError(.protocolViolation, operation: "CMD_GET_STATEBLOB") { _ = try client.stateBlob(.permanent) } }
-        #expect(t < 0.2)   // refused from the header, not after waiting for 2 GiB
+        #expect(t < 1.0)   // refused from the header, not after waiting for 2 GiB
         #expect(client.isBroken)
         peer.finish()
     }
@@ -200,22 +211,22 @@ struct SwtpmFakePeerTests {
         let (sock, peer) = try FakePeer.start { p in
             p.read(4)
             p.write(hex: "000000")   // 3 of the 4 result bytes, then nothing
-            usleep(800_000)
+            p.stallUntilClientCloses()
         }
         let client = SwtpmCtrlClient(socket: sock, timeout: 0.3)
         let t = elapsed { expectBackendError(.timeout, operation: "CMD_GET_CAPABILITY") { _ = try client.capabilities() } }
-        #expect(t >= 0.29 && t < 0.6)
+        #expect(t >= 0.29 && t < 1.5)
         peer.finish()
     }
 
     @Test func stalledPeerTimesOut() throws {
         let (sock, peer) = try FakePeer.start { p in
             p.read(8)
-            usleep(800_000)
+            p.stallUntilClientCloses()
         }
         let client = SwtpmCtrlClient(socket: sock, timeout: 0.25)
         let t = elapsed { expectBackendError(.timeout, operation: "CMD_INIT") { try client.initialize() } }
-        #expect(t >= 0.24 && t < 0.6)
+        #expect(t >= 0.24 && t < 1.5)
         peer.finish()
     }
 
@@ -338,7 +349,7 @@ struct SwtpmDataChannelTests {
         let (sock, peer) = try FakePeer.start { p in
             p.read(12)
             p.write(hex: b.reply)
-            if b.closeAfter { p.close() } else { usleep(600_000) }
+            if b.closeAfter { p.close() } else { p.stallUntilClientCloses() }
         }
         let ch = SwtpmDataChannel(socket: sock)
         let t = elapsed {
@@ -346,7 +357,7 @@ struct SwtpmDataChannelTests {
                 _ = try ch.exchange(Self.getRandom, maxResponseSize: 4096, timeout: 0.3, operation: "TPM command 0x0000017b")
             }
         }
-        #expect(t < 0.55)
+        #expect(t < 1.5)   // the 0.3 s timeout, or at once; never the peer's 2 s
         // Out of step now: refuse at once.
         expectBackendError(.connectionClosed) { _ = try ch.exchange(Self.getRandom, maxResponseSize: 4096, timeout: 0.3, operation: "x") }
         peer.finish()

@@ -242,7 +242,7 @@ struct SwtpmLiveTests {
         #expect(rc(try run(runner, TPM2.startup())) == 0)
         for bytes in [[], [0x80], [0x80, 0x01, 0x00, 0x00, 0x00, 0x08, 0x00, 0x00, 0x01]] as [[UInt8]] {
             let t = try elapsed { () throws -> Void in #expect(try run(runner, bytes) == [0x80, 0x01, 0, 0, 0, 0x0A, 0, 0, 0x01, 0x42]) }
-            #expect(t < 0.1)
+            #expect(t < 0.5)
         }
         #expect(try run(runner, [UInt8](repeating: 0x80, count: 4097)) == be.localCommandSizeError)
         #expect(try run(runner, [0x80, 0x01], maxResponseSize: 6) == [0x80, 0x01, 0, 0, 0, 0x0A])
