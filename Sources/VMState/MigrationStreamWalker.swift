@@ -156,6 +156,9 @@ public final class MigrationStreamWalker {
 
     private enum Phase { case header, afterHeader, sections, trailer, done }
 
+    /// Distinct section ids remembered for PART/END (QEMU machines register a few hundred).
+    public static let maximumSections = 1 << 16
+
     private let input: MigrationInput
     /// The options the walk runs with.
     public let options: Options
@@ -182,12 +185,19 @@ public final class MigrationStreamWalker {
         statistics.bufferCapacity = input.capacity
         if let d = options.vmDescription {
             use(d)
-        } else if options.readTrailingVMDescription, let length = input.streamLength,
-                  let tail = try input.readTail(MigrationFormat.maximumVMDescriptionSize + 5),
-                  let p = VMDescription.locate(inTail: tail) {
-            let at = length - tail.count + p
-            use(try VMDescription.parse(Array(tail[(p + 5)...]), baseOffset: at + 5))
-            vmDescriptionOffset = at
+        } else if options.readTrailingVMDescription, let length = input.streamLength {
+            // Most trailers are well under 256 KiB; read up to the limit only when the first
+            // window holds nothing but JSON.
+            for window in [256 * 1024, MigrationFormat.maximumVMDescriptionSize + 5] {
+                guard let tail = try input.readTail(window) else { break }
+                if let p = VMDescription.locate(inTail: tail) {
+                    let at = length - tail.count + p
+                    use(try VMDescription.parse(Array(tail[(p + 5)...]), baseOffset: at + 5))
+                    vmDescriptionOffset = at
+                    break
+                }
+                if tail.count < window || tail.contains(where: { $0 < 0x20 }) { break }
+            }
         }
     }
 
@@ -296,6 +306,10 @@ public final class MigrationStreamWalker {
         let instanceID = try input.readBigEndianUInt32("instance_id")
         let versionAt = input.offset
         let versionID = try input.readBigEndianUInt32("version_id")
+        if open[sectionID] == nil, open.count >= Self.maximumSections {
+            throw StreamError(.lengthOverLimit, section: idstr, field: "section_id", offset: at + 1,
+                              detail: "more than \(Self.maximumSections) sections")
+        }
         open[sectionID] = OpenSection(idstr: idstr, instanceID: instanceID, versionID: versionID)
         let bodyAt = input.offset
         let content = try readBody(idstr: idstr, instanceID: instanceID, version: versionID, versionAt: versionAt,

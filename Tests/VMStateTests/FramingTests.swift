@@ -232,6 +232,21 @@ struct FramingTests {
         #expect(h?.offset == plain.count + 1)
     }
 
+    /// A trailer longer than the first 256 KiB window is still found before the walk starts.
+    @Test("a vmdesc longer than 256 KiB is read up front")
+    func longTrailer() throws {
+        var w = MigrationStreamWriter()
+        try w.writeConfiguration(MigrationConfiguration(machineType: "pc-i440fx-7.2"))
+        w.writeEOF()
+        let json = Array(("{\"page_size\": 4096, \"devices\": []" + String(repeating: " ", count: 300_000) + "}").utf8)
+        let bytes = w.bytes + [0x06] + patched([0, 0, 0, 0], at: 0, be: UInt64(json.count), width: 4) + json
+        let walker = try MigrationStreamWalker(source: .bytes(bytes))
+        #expect(walker.vmDescription?.pageSize == 4096)
+        var events = 0
+        try walker.walk { _ in events += 1 }
+        #expect(events == 4)
+    }
+
     /// The trailer is found exactly even when the length bytes hold `{` (where analyze-migration.py's
     /// last-NUL-then-brace guess fails, runs-on-this-machine.md §3).
     @Test("locating the vmdesc when its length contains 0x7B")
