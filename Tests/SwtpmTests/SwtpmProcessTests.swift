@@ -100,4 +100,12 @@ struct SwtpmProcessTests {
         // swtpm's own: its ctrl socket, its notify pipe, the data socket.
         #expect(targets.allSatisfy { $0.hasPrefix("socket:") || $0.hasPrefix("pipe:") || $0.hasPrefix(dir.path) }, "\(targets)")
     }
+
+    /// A missing swtpm is an error (so every test that needs swtpm fails rather than skips).
+    @Test func missingSwtpmIsAnError() throws {
+        let dir = try TempDir("missing")
+        var o = SwtpmProcess.Options(stateDirectory: dir.path)
+        o.executable = "/nonexistent/swtpm"
+        expectBackendError(.process) { _ = try SwtpmProcess.launch(o, timeout: 2) }
+    }
 }
