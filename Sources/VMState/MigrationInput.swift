@@ -98,6 +98,7 @@ public final class MigrationInput {
     @discardableResult
     func fill(_ n: Int) throws(StreamError) -> Bool {
         if tail - head >= n { return true }
+        guard n <= capacity else { return false }
         if sawEnd { return false }
         if capacity - head < n {
             let live = tail - head

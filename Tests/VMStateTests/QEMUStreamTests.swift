@@ -200,6 +200,22 @@ struct QEMUStreamTests {
         }
     }
 
+    @Test("through a socket: the TPM state of a whole stream", arguments: Fixture.allCases)
+    func throughSocket(_ f: Fixture) throws {
+        let bytes = try f.bytes
+        var sv: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0)
+        let (mine, theirs) = (sv[0], sv[1])
+        defer { close(mine) }
+        let t = Thread {
+            writeAll(theirs, bytes)
+            close(theirs)
+        }
+        t.start()
+        let s = try TPMMigrationState(source: .fileDescriptor(mine))
+        #expect(s == (try TPMMigrationState(source: .path(f.path))))
+    }
+
     @Test("unknown sections refused with .fail when no vmdesc is used")
     func failPolicy() throws {
         var o = MigrationStreamWalker.Options()
