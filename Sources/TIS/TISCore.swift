@@ -594,7 +594,10 @@ public struct TISCore: Sendable {
         if state.rwOffset > 5 && state.localities[locty].sts & TISStatus.expect.rawValue != 0 {
             // The header size is known: see whether the whole command is in.
             let needIRQ = state.localities[locty].sts & TISStatus.valid.rawValue == 0
-            if bufferHeaderSize > UInt32(state.rwOffset) {
+            // QEMU holds the size in a uint16_t here: a header size of 0x80010000 reads as 0
+            // and completes the command (seen against QEMU 7.2 by the random differential).
+            let len = UInt16(truncatingIfNeeded: bufferHeaderSize)
+            if len > state.rwOffset {
                 setSTS(locty, [.expect, .valid])
             } else {
                 setSTS(locty, .valid)

@@ -27,6 +27,10 @@ import TISDriver
         #expect(response == [0x80, 0x01, 0x00, 0x00, 0x00, 0x0A, 0x00, 0x00, 0x00, 0x00])
     }
 
+    static func headerSize(_ b: [UInt8]) -> UInt32 {
+        UInt32(b[2]) << 24 | UInt32(b[3]) << 16 | UInt32(b[4]) << 8 | UInt32(b[5])
+    }
+
     /// A bus that runs every access on the model and on QEMU and records the first differences.
     final class Lockstep {
         let qemu: QTestBus
@@ -37,10 +41,29 @@ import TISDriver
         var log: [String] = []
         /// tpmGo writes not made because they would send QEMU a command under 10 bytes.
         var skippedShortCommands = 0
+        /// `TIS_DIFF_TRACE=FILE`: the model's state after every op, for a post-mortem.
+        let trace: FileHandle? = ProcessInfo.processInfo.environment["TIS_DIFF_TRACE"].flatMap {
+            FileManager.default.createFile(atPath: $0, contents: nil)
+            return FileHandle(forWritingAtPath: $0)
+        }
 
         /// A command shorter than 10 bytes hangs QEMU 7.2 with swtpm (swtpm waits for the rest of
-        /// the header; QEMU then blocks in CMD_CANCEL_TPM_CMD, runs-on-this-machine.md §8). The
-        /// model answers such a command (see TISDevice); the differential leaves that tpmGo out.
+        /// the header; QEMU then blocks in CMD_CANCEL_TPM_CMD, runs-on-this-machine.md §8), and so
+        /// does one whose header size differs from the bytes sent (a dword write can carry the
+        /// FIFO past the header's size): swtpm reads by the header and the channel desyncs. The
+        /// model answers such commands without hanging; the differential leaves that tpmGo out.
+        /// The model completes inline; QEMU completes when swtpm answers. If the model's active
+        /// locality shows dataAvail, wait for QEMU's to show it too.
+        func settleQEMU() throws {
+            let st = device.currentState
+            guard st.activeLocality < 5 else { return }
+            let l = Int(st.activeLocality)
+            guard st.localities[l].state == .completion, st.localities[l].sts & 0x10 != 0 else { return }
+            let addr = TISGeometry.baseAddress + UInt64(l) << 12 + 0x18
+            let deadline = Date().addingTimeInterval(3)
+            while try qemu.read(addr, size: 4) & 0x10 == 0 && Date() < deadline { usleep(100) }
+        }
+
         func wouldSendShortCommand(_ a: UInt64, _ s: Int, _ v: UInt64) -> Bool {
             let off = a &- TISGeometry.baseAddress
             guard off < TISGeometry.regionSize, off & 0xFFC == 0x18 else { return false }
@@ -49,7 +72,7 @@ import TISDriver
             guard shifted & 0x62 == 0x20 else { return false }
             let st = device.currentState
             return Int(st.activeLocality) == l && st.localities[l].state == .reception
-                && st.localities[l].sts & 0x08 == 0 && st.rwOffset < 10
+                && st.localities[l].sts & 0x08 == 0 && (st.rwOffset < 10 || DifferentialTests.headerSize(st.buffer) != UInt32(st.rwOffset))
         }
 
         init(qemu: QTestBus, device: TISDevice) {
@@ -74,17 +97,17 @@ import TISDriver
                 }
                 try qemu.write(a, size: s, value: v)
                 try model.write(a, size: s, value: v)
+                // Any STS write may be a tpmGo (the generator also writes STS values at random):
+                // the model completed inline, so wait for QEMU's completion before going on.
+                let off = a &- TISGeometry.baseAddress
+                if off < TISGeometry.regionSize && off & 0xFFC == 0x18 { try settleQEMU() }
             case .settle:
-                // The model completed inline; QEMU completes when swtpm answers. If the model's
-                // command locality shows dataAvail, wait for QEMU's to show it too.
+                try settleQEMU()
+            }
+            if let trace {
                 let st = device.currentState
-                guard st.activeLocality < 5 else { break }
-                let l = Int(st.activeLocality)
-                if st.localities[l].state == .completion {
-                    let addr = TISGeometry.baseAddress + UInt64(l) << 12 + 0x18
-                    let deadline = Date().addingTimeInterval(3)
-                    while try qemu.read(addr, size: 4) & 0x10 == 0 && Date() < deadline { usleep(200) }
-                }
+                let locs = st.localities.map { "\($0.state.rawValue)/\(String($0.sts & 0xFF, radix: 16))/\(String($0.access, radix: 16))" }.joined(separator: " ")
+                trace.write("\(op) | active \(st.activeLocality) rw \(st.rwOffset) hdr \(DifferentialTests.headerSize(st.buffer)) | \(locs)\n".data(using: .utf8) ?? Data())
             }
             log.append(op.description)
             if log.count > 50 { log.removeFirst(25) }
@@ -102,7 +125,12 @@ import TISDriver
             var gen = TISOpGenerator(seed: seed)
             gen.command = [0x80, 0x01, 0x00, 0x00, 0x00, 0x0C, 0x00, 0x00, 0x01, 0x44, 0x00, 0x00]
             for op in gen.ops(count) {
-                try lock.apply(op)
+                do {
+                    try lock.apply(op)
+                } catch {
+                    throw DifferentialFailure(seed: seed, error: "\(error)\ndifferences: \(lock.differences)", lastOps: Array(lock.log.suffix(40)) + ["-> \(op)"],
+                                              model: lock.device.currentState)
+                }
                 if lock.differences.count >= 20 { break }
             }
             // The IRQ line: QEMU's ISA IRQ 5 is not wired to anything a qtest can intercept
@@ -161,6 +189,18 @@ import TISDriver
             #expect(transcripts[0].count > 100)
             #expect(try TPM2.pcrDigest(responses[0][2]) == Crypto.pcrExtendSHA256([Crypto.sha256(Array("differential".utf8))]))
         }
+    }
+}
+
+struct DifferentialFailure: Error, CustomStringConvertible {
+    var seed: UInt64
+    var error: String
+    var lastOps: [String]
+    var model: TISState
+    var description: String {
+        let locs = model.localities.enumerated().map { "loc\($0.offset) \($0.element.state) sts 0x\(String($0.element.sts, radix: 16)) access 0x\(String($0.element.access, radix: 16))" }
+        return "seed \(seed): \(error)\nlast ops:\n  " + lastOps.joined(separator: "\n  ")
+            + "\nmodel: active \(model.activeLocality) rw_offset \(model.rwOffset) header \(model.buffer.prefix(12).map { String($0, radix: 16) })\n  " + locs.joined(separator: "\n  ")
     }
 }
 

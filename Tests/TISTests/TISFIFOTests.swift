@@ -228,3 +228,20 @@ import TISDriver
 
 import Glibc
 func usleepForTest(_ us: UInt32) { usleep(us) }
+
+/// Regression, found by the random differential against QEMU 7.2: QEMU holds the header size
+/// in a uint16_t when it decides whether a command is complete, so a FIFO that starts two bytes
+/// in (a dword write at offset 0x26) and then gets `80 01 00 00` sees size 0x80010000 as 0 and
+/// stops expecting data after 6 bytes.
+@Suite struct TISHeaderSizeTruncationTests {
+    @Test func sizeFieldIsTruncatedTo16Bits() throws {
+        let rig = try Rig()
+        try rig.ready()
+        try rig.writel(0, 0x26, 0x8547_668A)
+        #expect(try rig.readl(0, 0x18) == 0x040F_FE88)
+        for b: UInt8 in [0x80, 0x01, 0x00, 0x00] { try rig.writeb(0, 0x24, b) }
+        #expect(try rig.readl(0, 0x18) == 0x040F_FA80)
+        try rig.writeb(0, 0x24, 0x00)
+        #expect(try rig.readl(0, 0x18) == 0x040F_FA80)
+    }
+}
