@@ -247,6 +247,13 @@ struct SwtpmLiveTests {
         #expect(try run(runner, [UInt8](repeating: 0x80, count: 4097)) == be.localCommandSizeError)
         #expect(try run(runner, [0x80, 0x01], maxResponseSize: 6) == [0x80, 0x01, 0, 0, 0, 0x0A])
         #expect(rc(try run(runner, TPM2.getRandom(8))) == 0)                  // still in step
+        // A header size that differs from the bytes sent (the TIS lets this through, as QEMU's
+        // does) would make swtpm wait or desynchronise: answered locally too.
+        var long = TPM2.getRandom(8) + [0, 0]
+        #expect(try run(runner, long) == be.localCommandSizeError)
+        long = Array(TPM2.getRandom(8).prefix(10)) + [0x00]
+        #expect(try run(runner, long) == be.localCommandSizeError)
+        #expect(rc(try run(runner, TPM2.getRandom(8))) == 0)                  // still in step
         let log = String(decoding: try readWholeFile(tpm.dir.path + "/log"), as: UTF8.self)
         #expect(!log.contains("SWTPM_IO_Read: length 1\n") && !log.contains("SWTPM_IO_Read: length 9\n"))
     }

@@ -212,7 +212,8 @@ public final class SwtpmBackend: TPMBackend, @unchecked Sendable {
     /// last one set, then the command on the data channel.
     ///
     /// Commands shorter than the 10-byte header, or longer than `maximumCommandSize`, are not
-    /// sent: swtpm would wait for the rest of a short header (QEMU hangs there,
+    /// sent, nor are commands whose header size differs from their length: swtpm would wait for
+    /// the rest of a short header (QEMU hangs there,
     /// runs-on-this-machine.md §8) or take the excess of a long one for the next command. They
     /// are answered here with the TPM's own "wrong command size" error: TPM 2.0
     /// `80 01 00 00 00 0a 00 00 01 42` (TPM_ST_NO_SESSIONS, TPM_RC_COMMAND_SIZE); TPM 1.2
@@ -226,7 +227,12 @@ public final class SwtpmBackend: TPMBackend, @unchecked Sendable {
         let bytes = command.bytes
         let op = Self.operationName(bytes)
         try ensureRunning(op)
-        guard bytes.count >= SwtpmDataChannel.headerSize, bytes.count <= Self.maximumCommandSize else {
+        // swtpm reads a command by its header's size field: a size that differs from the bytes
+        // sent makes it wait for more (a hang, as QEMU hangs) or take the excess for the next
+        // command (a desynchronised channel). The TIS can produce both (its completion check
+        // holds the size in 16 bits, as QEMU's does); answer them here instead.
+        guard bytes.count >= SwtpmDataChannel.headerSize, bytes.count <= Self.maximumCommandSize,
+              Self.be32(bytes, at: 2) == UInt32(bytes.count) else {
             return TPMBackendResponse(bytes: Array(localCommandSizeError.prefix(max(0, command.maxResponseSize))))
         }
         let response = try data_withLocality(command, operation: op)
