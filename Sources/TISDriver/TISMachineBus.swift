@@ -6,7 +6,7 @@ import TIS
 /// across a region, never larger than the region's maximum (4 for the TIS), never larger than
 /// the address's alignment. So an unaligned `readw` at 0xFED40019 is two byte reads, and a
 /// `readq` is two dword reads, exactly as qtest sees QEMU 7.2 answer.
-public final class TISMachineBus: MMIOBus {
+public final class TISMachineBus: MMIOBus, Sendable {
     public let device: TISDevice
     /// What QEMU answers for an address nothing is mapped at (per byte; x86 `pc` unassigned
     /// reads return 0 in QEMU 7.2 through qtest).
