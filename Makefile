@@ -27,7 +27,7 @@ test: deps
 # Benchmarks, release mode, ratios against references measured in the same run.
 bench: deps
 	$(SWIFT) build -c release --product tis-bench
-	.build/release/tis-bench
+	.build/release/tis-bench --markdown BENCHMARKS.md
 
 clean:
 	rm -rf .build

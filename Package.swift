@@ -40,6 +40,8 @@ let package = Package(
             "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // `make bench`: figures against references measured in the same run.
+        .executableTarget(name: "tis-bench", dependencies: ["TIS", "TISDriver", "TISConformance", "EmulatorBackend", "CLibtpms", "VMState", "QEMUHarness", "WireFormat"]),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"]),
         .testTarget(name: "TISTests", dependencies: ["TISConformance", "TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
         .testTarget(name: "EmulatorBackendTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat"]),

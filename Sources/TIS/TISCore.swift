@@ -78,7 +78,37 @@ public enum TISEvent: Sendable, Equatable {
 /// `read`/`write` take one access as QEMU's `tpm_tis_mmio_read` / `tpm_tis_mmio_write`
 /// receive it: an offset in the 0x5000-byte region and a size of 1, 2 or 4.
 public struct TISCore: Sendable {
-    public var state: TISState
+    // The migrated state, held field by field (localities inline, no copy-on-write checks on
+    // the MMIO path); `state` assembles and takes apart the `TISState` value.
+    var buffer = InlineArray<4096, UInt8>(repeating: 0)
+    var rwOffset: UInt16 = 0
+    var activeLocality: UInt8 = TISGeometry.noLocality
+    var abortingLocality: UInt8 = TISGeometry.noLocality
+    var nextLocality: UInt8 = TISGeometry.noLocality
+    var loc = InlineArray<5, TISLocality>(repeating: TISLocality())
+
+    /// The migrated state (QEMU's `tpm-tis` vmstate fields).
+    public var state: TISState {
+        get {
+            var locs: [TISLocality] = []
+            locs.reserveCapacity(TISGeometry.localityCount)
+            for i in 0..<TISGeometry.localityCount { locs.append(loc[i]) }
+            var bytes = [UInt8](repeating: 0, count: TISGeometry.bufferSize)
+            for i in 0..<TISGeometry.bufferSize { bytes[i] = buffer[i] }
+            return TISState(buffer: bytes, rwOffset: rwOffset, activeLocality: activeLocality,
+                            abortingLocality: abortingLocality, nextLocality: nextLocality, localities: locs)
+        }
+        set {
+            for i in 0..<TISGeometry.bufferSize { buffer[i] = i < newValue.buffer.count ? newValue.buffer[i] : 0 }
+            rwOffset = newValue.rwOffset
+            activeLocality = newValue.activeLocality
+            abortingLocality = newValue.abortingLocality
+            nextLocality = newValue.nextLocality
+            for i in 0..<TISGeometry.localityCount {
+                loc[i] = i < newValue.localities.count ? newValue.localities[i] : TISLocality()
+            }
+        }
+    }
     /// `be_buffer_size`: min(backend buffer size, 4096), recomputed at reset.
     public private(set) var bufferSize: Int
     /// `be_tpm_version`, recomputed at reset.
@@ -97,7 +127,6 @@ public struct TISCore: Sendable {
     public var events: [TISEvent] = []
 
     public init(version: TPMVersion, bufferSize: Int, configuration: TISConfiguration = .qemu72) {
-        self.state = TISState()
         self.version = version
         self.bufferSize = min(max(bufferSize, 0), TISGeometry.bufferSize)
         self.configuration = configuration
@@ -122,26 +151,26 @@ public struct TISCore: Sendable {
     }
 
     private mutating func resetRegisters() {
-        state.activeLocality = TISGeometry.noLocality
-        state.nextLocality = TISGeometry.noLocality
-        state.abortingLocality = TISGeometry.noLocality
+        activeLocality = TISGeometry.noLocality
+        nextLocality = TISGeometry.noLocality
+        abortingLocality = TISGeometry.noLocality
         for c in 0..<TISGeometry.localityCount {
-            state.localities[c].access = TISAccess.tpmRegValidSts.rawValue
+            loc[c].access = TISAccess.tpmRegValidSts.rawValue
             switch version {
             case .unspecified:
                 break
             case .tpm12:
-                state.localities[c].sts = 0
-                state.localities[c].ifaceID = TISConstants.interfaceID12
+                loc[c].sts = 0
+                loc[c].ifaceID = TISConstants.interfaceID12
             case .tpm20:
-                state.localities[c].sts = TISStatus.family20.rawValue
-                state.localities[c].ifaceID = TISConstants.interfaceID20
+                loc[c].sts = TISStatus.family20.rawValue
+                loc[c].ifaceID = TISConstants.interfaceID20
             }
-            state.localities[c].inte = TISInterrupts.polarityLowLevel.rawValue
-            state.localities[c].ints = 0
-            state.localities[c].state = .idle
+            loc[c].inte = TISInterrupts.polarityLowLevel.rawValue
+            loc[c].ints = 0
+            loc[c].state = .idle
         }
-        state.rwOffset = 0
+        rwOffset = 0
     }
 
     /// Replaces the migrated state (after `TISState.validate()`); the IRQ level is recomputed
@@ -156,88 +185,88 @@ public struct TISCore: Sendable {
     /// `tpm_tis_sts_set`: keep selfTestDone and the family bits, replace the rest.
     @inline(__always)
     mutating func setSTS(_ l: Int, _ flags: TISStatus) {
-        state.localities[l].sts &= (TISStatus.selfTestDone.rawValue | TISStatus.familyMask.rawValue)
-        state.localities[l].sts |= flags.rawValue
+        loc[l].sts &= (TISStatus.selfTestDone.rawValue | TISStatus.familyMask.rawValue)
+        loc[l].sts |= flags.rawValue
     }
 
     mutating func setState(_ l: Int, _ s: TISLocalityState) {
-        let from = state.localities[l].state
-        state.localities[l].state = s
+        let from = loc[l].state
+        loc[l].state = s
         if from != s { emit(.transition(locality: UInt8(l), from: from, to: s)) }
     }
 
     /// `tpm_cmd_get_size`: the be32 size field of the header in the buffer.
     @inline(__always)
     var bufferHeaderSize: UInt32 {
-        UInt32(state.buffer[2]) << 24 | UInt32(state.buffer[3]) << 16 | UInt32(state.buffer[4]) << 8 | UInt32(state.buffer[5])
+        UInt32(buffer[2]) << 24 | UInt32(buffer[3]) << 16 | UInt32(buffer[4]) << 8 | UInt32(buffer[5])
     }
 
     /// `tpm_tis_raise_irq`.
     mutating func raiseIRQ(_ locty: UInt8, _ mask: TISInterrupts) {
         guard Self.isValidLocality(locty) else { return }
         let l = Int(locty)
-        let inte = state.localities[l].inte
+        let inte = loc[l].inte
         if inte & TISInterrupts.globalEnable.rawValue != 0, inte & mask.rawValue != 0 {
             emit(.raiseIRQ(locality: locty, mask: mask.rawValue))
             irqLevel = true
-            state.localities[l].ints |= mask.rawValue
+            loc[l].ints |= mask.rawValue
         }
     }
 
     /// `tpm_tis_check_request_use_except`.
     func otherLocalityRequestsUse(_ locty: Int) -> Bool {
         for l in 0..<TISGeometry.localityCount where l != locty {
-            if state.localities[l].access & TISAccess.requestUse.rawValue != 0 { return true }
+            if loc[l].access & TISAccess.requestUse.rawValue != 0 { return true }
         }
         return false
     }
 
     /// `tpm_tis_new_active_locality`.
     mutating func newActiveLocality(_ new: UInt8) {
-        let change = state.activeLocality != new
-        let old = state.activeLocality
+        let change = activeLocality != new
+        let old = activeLocality
         if change && Self.isValidLocality(old) {
-            let isSeize = Self.isValidLocality(new) && state.localities[Int(new)].access & TISAccess.seize.rawValue != 0
+            let isSeize = Self.isValidLocality(new) && loc[Int(new)].access & TISAccess.seize.rawValue != 0
             let mask: UInt8 = isSeize ? ~TISAccess.activeLocality.rawValue
                 : ~(TISAccess.activeLocality.rawValue | TISAccess.requestUse.rawValue)
-            state.localities[Int(old)].access &= mask
+            loc[Int(old)].access &= mask
             if isSeize {
-                state.localities[Int(old)].access |= TISAccess.beenSeized.rawValue
+                loc[Int(old)].access |= TISAccess.beenSeized.rawValue
             }
         }
-        state.activeLocality = new
+        activeLocality = new
         emit(.newActiveLocality(new))
         if Self.isValidLocality(new) {
-            state.localities[Int(new)].access |= TISAccess.activeLocality.rawValue
-            state.localities[Int(new)].access &= ~(TISAccess.requestUse.rawValue | TISAccess.seize.rawValue)
+            loc[Int(new)].access |= TISAccess.activeLocality.rawValue
+            loc[Int(new)].access &= ~(TISAccess.requestUse.rawValue | TISAccess.seize.rawValue)
         }
         if change {
-            raiseIRQ(state.activeLocality, .localityChanged)
+            raiseIRQ(activeLocality, .localityChanged)
         }
     }
 
     /// `tpm_tis_abort`.
     mutating func abort() {
-        state.rwOffset = 0
-        emit(.abort(nextLocality: state.nextLocality))
-        let aborting = state.abortingLocality
-        if aborting == state.nextLocality && Self.isValidLocality(aborting) {
+        rwOffset = 0
+        emit(.abort(nextLocality: nextLocality))
+        let aborting = abortingLocality
+        if aborting == nextLocality && Self.isValidLocality(aborting) {
             setState(Int(aborting), .ready)
             setSTS(Int(aborting), .commandReady)
             raiseIRQ(aborting, .commandReady)
         }
-        newActiveLocality(state.nextLocality)
-        state.nextLocality = TISGeometry.noLocality
-        state.abortingLocality = TISGeometry.noLocality
+        newActiveLocality(nextLocality)
+        nextLocality = TISGeometry.noLocality
+        abortingLocality = TISGeometry.noLocality
     }
 
     /// `tpm_tis_prep_abort`.
     mutating func prepAbort(_ locty: UInt8, _ newLocty: UInt8, _ fx: inout TISEffects) {
         // QEMU asserts newlocty is valid; every caller passes a valid one.
         guard Self.isValidLocality(newLocty) else { return }
-        state.abortingLocality = locty
-        state.nextLocality = newLocty
-        for l in 0..<TISGeometry.localityCount where state.localities[l].state == .execution {
+        abortingLocality = locty
+        nextLocality = newLocty
+        for l in 0..<TISGeometry.localityCount where loc[l].state == .execution {
             // The abort completes in requestCompleted, when the backend returns.
             fx.cancel = true
             return
@@ -252,18 +281,18 @@ public struct TISCore: Sendable {
     public mutating func requestCompleted(response: [UInt8], selftestDone: Bool, failed: Bool = false) {
         let locty = commandLocality
         guard Self.isValidLocality(locty) else { return }
-        let n = min(response.count, bufferSize, state.buffer.count)
-        if n > 0 { state.buffer.replaceSubrange(0..<n, with: response[0..<n]) }
+        let n = min(response.count, bufferSize, buffer.count)
+        for i in 0..<n { buffer[i] = response[i] }
         emit(.commandCompleted(locality: locty, length: n, failed: failed))
         if selftestDone {
             for l in 0..<TISGeometry.localityCount {
-                state.localities[l].sts |= TISStatus.selfTestDone.rawValue
+                loc[l].sts |= TISStatus.selfTestDone.rawValue
             }
         }
         setSTS(Int(locty), [.valid, .dataAvailable])
         setState(Int(locty), .completion)
-        state.rwOffset = 0
-        if Self.isValidLocality(state.nextLocality) {
+        rwOffset = 0
+        if Self.isValidLocality(nextLocality) {
             abort()
         }
         raiseIRQ(locty, [.dataAvailable, .stsValid])
@@ -288,15 +317,15 @@ public struct TISCore: Sendable {
         var val: UInt32 = 0xFFFF_FFFF
         switch TISRegister(dwordOffset: reg) {
         case .access:
-            val = UInt32(state.localities[locty].access & ~TISAccess.seize.rawValue)
+            val = UInt32(loc[locty].access & ~TISAccess.seize.rawValue)
             if otherLocalityRequestsUse(locty) { val |= UInt32(TISAccess.pendingRequest.rawValue) }
             if !establishedFlag { val |= UInt32(TISAccess.tpmEstablishment.rawValue) }
         case .intEnable:
-            val = state.localities[locty].inte
+            val = loc[locty].inte
         case .intVector:
             val = configuration.irqNumber
         case .intStatus:
-            val = state.localities[locty].ints
+            val = loc[locty].ints
         case .intfCapability:
             switch version {
             case .unspecified: val = 0
@@ -304,31 +333,31 @@ public struct TISCore: Sendable {
             case .tpm20: val = TISConstants.capabilities20
             }
         case .sts:
-            if Int(state.activeLocality) == locty {
-                let sts = state.localities[locty].sts
+            if Int(activeLocality) == locty {
+                let sts = loc[locty].sts
                 if sts & TISStatus.dataAvailable.rawValue != 0 {
                     let len = min(bufferHeaderSize, UInt32(bufferSize))
                     // QEMU computes this in uint32_t and shifts without masking.
-                    val = (len &- UInt32(state.rwOffset)) &<< 8 | sts
+                    val = (len &- UInt32(rwOffset)) &<< 8 | sts
                 } else {
-                    var avail = UInt32(bufferSize) &- UInt32(state.rwOffset)
+                    var avail = UInt32(bufferSize) &- UInt32(rwOffset)
                     // Byte-sized reads must not show 0x00 for 0x100 free bytes.
                     if size == 1 && avail > 0xFF { avail = 0xFF }
                     val = avail &<< 8 | sts
                 }
             }
         case .dataFIFO, .xdataFIFO:
-            if Int(state.activeLocality) == locty {
+            if Int(activeLocality) == locty {
                 let n = min(size, 4 - Int(offset & 3))
                 val = 0
                 for i in 0..<max(n, 0) {
-                    let v: UInt8 = state.localities[locty].state == .completion ? dataRead(locty) : TISConstants.noDataByte
+                    let v: UInt8 = loc[locty].state == .completion ? dataRead(locty) : TISConstants.noDataByte
                     val |= UInt32(v) << (8 * UInt32(i))
                 }
                 shift = 0
             }
         case .interfaceID:
-            val = state.localities[locty].ifaceID
+            val = loc[locty].ifaceID
         case .didVid:
             val = TISConstants.didVid
         case .rid:
@@ -345,15 +374,15 @@ public struct TISCore: Sendable {
 
     /// `tpm_tis_data_read`.
     mutating func dataRead(_ locty: Int) -> UInt8 {
-        guard state.localities[locty].sts & TISStatus.dataAvailable.rawValue != 0 else {
+        guard loc[locty].sts & TISStatus.dataAvailable.rawValue != 0 else {
             return TISConstants.noDataByte
         }
         let len = min(bufferHeaderSize, UInt32(bufferSize))
-        let off = Int(state.rwOffset)
+        let off = Int(rwOffset)
         // QEMU indexes without a check; a restored rw_offset is validated, this is the net.
-        let ret = off < state.buffer.count ? state.buffer[off] : TISConstants.noDataByte
-        state.rwOffset &+= 1
-        if UInt32(state.rwOffset) >= len {
+        let ret = off < buffer.count ? buffer[off] : TISConstants.noDataByte
+        rwOffset &+= 1
+        if UInt32(rwOffset) >= len {
             setSTS(locty, .valid)
             raiseIRQ(UInt8(locty), .stsValid)
         }
@@ -379,6 +408,12 @@ public struct TISCore: Sendable {
             emit(.startupErrorAccess(offset: offset, isWrite: true))
             return
         }
+        // The hot path of a command upload: a FIFO write of the active locality.
+        if reg == TISRegister.dataFIFOOffset && UInt8(locty) == activeLocality {
+            let v = (size == 4 ? value : value & (size == 1 ? 0xFF : 0xFFFF)) << shift
+            writeFIFO(locty, offset: offset, size: size, value: v >> shift)
+            return
+        }
         var mask: UInt32 = size == 1 ? 0xFF : (size == 2 ? 0xFFFF : 0xFFFF_FFFF)
         var val = value & mask
         if shift != 0 {
@@ -392,36 +427,36 @@ public struct TISCore: Sendable {
         case .access:
             writeAccess(locty, UInt8(truncatingIfNeeded: val), &fx)
         case .intEnable:
-            guard Int(state.activeLocality) == locty || configuration.interruptRegistersWritableFromAnyLocality else {
+            guard Int(activeLocality) == locty || configuration.interruptRegistersWritableFromAnyLocality else {
                 emit(.ignoredWrite(locality: l8, register: "INT_ENABLE", value: val))
                 break
             }
-            state.localities[locty].inte &= mask
-            state.localities[locty].inte |= val & TISInterrupts.writableEnable.rawValue
+            loc[locty].inte &= mask
+            loc[locty].inte |= val & TISInterrupts.writableEnable.rawValue
         case .intVector:
             emit(.ignoredWrite(locality: l8, register: "INT_VECTOR", value: val))
         case .intStatus:
-            guard Int(state.activeLocality) == locty || configuration.interruptRegistersWritableFromAnyLocality else {
+            guard Int(activeLocality) == locty || configuration.interruptRegistersWritableFromAnyLocality else {
                 emit(.ignoredWrite(locality: l8, register: "INT_STATUS", value: val))
                 break
             }
             let supported = TISInterrupts.supported.rawValue
-            if val & supported != 0 && state.localities[locty].ints & supported != 0 {
-                state.localities[locty].ints &= ~val
-                if state.localities[locty].ints == 0 {
+            if val & supported != 0 && loc[locty].ints & supported != 0 {
+                loc[locty].ints &= ~val
+                if loc[locty].ints == 0 {
                     irqLevel = false
                     emit(.lowerIRQ)
                 }
             }
-            state.localities[locty].ints &= ~(val & supported)
+            loc[locty].ints &= ~(val & supported)
         case .sts:
-            guard Int(state.activeLocality) == locty else {
+            guard Int(activeLocality) == locty else {
                 emit(.ignoredWrite(locality: l8, register: "STS", value: val))
                 break
             }
             writeSTS(locty, val, &fx)
         case .dataFIFO, .xdataFIFO:
-            guard Int(state.activeLocality) == locty else {
+            guard Int(activeLocality) == locty else {
                 emit(.ignoredWrite(locality: l8, register: "DATA_FIFO", value: val))
                 break
             }
@@ -429,7 +464,7 @@ public struct TISCore: Sendable {
         case .interfaceID:
             if val & TISConstants.interfaceSelectorLock != 0 {
                 for l in 0..<TISGeometry.localityCount {
-                    state.localities[l].ifaceID |= TISConstants.interfaceSelectorLock
+                    loc[l].ifaceID |= TISConstants.interfaceSelectorLock
                 }
             }
         case .intfCapability, .didVid, .rid, .debug:
@@ -446,15 +481,15 @@ public struct TISCore: Sendable {
         if val & TISAccess.seize.rawValue != 0 {
             val &= ~(TISAccess.requestUse.rawValue | TISAccess.activeLocality.rawValue)
         }
-        var newActive = state.activeLocality
+        var newActive = activeLocality
         var setNew = true
 
         if val & TISAccess.activeLocality.rawValue != 0 {
-            if Int(state.activeLocality) == locty {
+            if Int(activeLocality) == locty {
                 // Give up the locality: the highest locality requesting use gets it.
                 var next = TISGeometry.noLocality
                 for c in stride(from: TISGeometry.localityCount - 1, through: 0, by: -1)
-                where state.localities[c].access & TISAccess.requestUse.rawValue != 0 {
+                where loc[c].access & TISAccess.requestUse.rawValue != 0 {
                     next = UInt8(c)
                     break
                 }
@@ -466,26 +501,26 @@ public struct TISCore: Sendable {
                 }
             } else {
                 // Not the owner: withdraw a pending request.
-                state.localities[locty].access &= ~TISAccess.requestUse.rawValue
+                loc[locty].access &= ~TISAccess.requestUse.rawValue
             }
         }
 
         if val & TISAccess.beenSeized.rawValue != 0 {
-            state.localities[locty].access &= ~TISAccess.beenSeized.rawValue
+            loc[locty].access &= ~TISAccess.beenSeized.rawValue
         }
 
         if val & TISAccess.seize.rawValue != 0 {
-            let active = state.activeLocality
+            let active = activeLocality
             // Seize is allowed with no active locality, or by a higher one than the active.
             if !Self.isValidLocality(active) || l8 > active {
-                let alreadyPending = state.localities[locty].access & TISAccess.seize.rawValue != 0
+                let alreadyPending = loc[locty].access & TISAccess.seize.rawValue != 0
                 let higherSeize = ((locty + 1)..<TISGeometry.localityCount).contains {
-                    state.localities[$0].access & TISAccess.seize.rawValue != 0
+                    loc[$0].access & TISAccess.seize.rawValue != 0
                 }
                 if !alreadyPending && !higherSeize {
                     // Cancel any seize by a lower locality (all l < L: QEMU commit 37b55d67c0).
-                    for l in 0..<locty { state.localities[l].access &= ~TISAccess.seize.rawValue }
-                    state.localities[locty].access |= TISAccess.seize.rawValue
+                    for l in 0..<locty { loc[l].access &= ~TISAccess.seize.rawValue }
+                    loc[locty].access |= TISAccess.seize.rawValue
                     emit(.seized(locality: l8, previous: active))
                     setNew = false
                     prepAbort(active, l8, &fx)
@@ -494,9 +529,9 @@ public struct TISCore: Sendable {
         }
 
         if val & TISAccess.requestUse.rawValue != 0 {
-            if Int(state.activeLocality) != locty {
-                if Self.isValidLocality(state.activeLocality) {
-                    state.localities[locty].access |= TISAccess.requestUse.rawValue
+            if Int(activeLocality) != locty {
+                if Self.isValidLocality(activeLocality) {
+                    loc[locty].access |= TISAccess.requestUse.rawValue
                 } else {
                     newActive = l8
                 }
@@ -512,7 +547,7 @@ public struct TISCore: Sendable {
     mutating func writeSTS(_ locty: Int, _ written: UInt32, _ fx: inout TISEffects) {
         let l8 = UInt8(locty)
         if version == .tpm20 {
-            if written & TISStatus.commandCancel.rawValue != 0 && state.localities[locty].state == .execution {
+            if written & TISStatus.commandCancel.rawValue != 0 && loc[locty].state == .execution {
                 fx.cancel = true
             }
             if written & TISStatus.resetEstablishment.rawValue != 0 && (locty == 3 || locty == 4) {
@@ -522,9 +557,9 @@ public struct TISCore: Sendable {
         let val = written & (TISStatus.commandReady.rawValue | TISStatus.tpmGo.rawValue | TISStatus.responseRetry.rawValue)
         switch val {
         case TISStatus.commandReady.rawValue:
-            switch state.localities[locty].state {
+            switch loc[locty].state {
             case .ready:
-                state.rwOffset = 0
+                rwOffset = 0
             case .idle:
                 setSTS(locty, .commandReady)
                 setState(locty, .ready)
@@ -532,22 +567,22 @@ public struct TISCore: Sendable {
             case .execution, .reception:
                 prepAbort(l8, l8, &fx)
             case .completion:
-                state.rwOffset = 0
+                rwOffset = 0
                 setState(locty, .ready)
-                if state.localities[locty].sts & TISStatus.commandReady.rawValue == 0 {
+                if loc[locty].sts & TISStatus.commandReady.rawValue == 0 {
                     setSTS(locty, .commandReady)
                     raiseIRQ(l8, .commandReady)
                 }
-                state.localities[locty].sts &= ~TISStatus.dataAvailable.rawValue
+                loc[locty].sts &= ~TISStatus.dataAvailable.rawValue
             }
         case TISStatus.tpmGo.rawValue:
-            if state.localities[locty].state == .reception
-                && state.localities[locty].sts & TISStatus.expect.rawValue == 0 {
+            if loc[locty].state == .reception
+                && loc[locty].sts & TISStatus.expect.rawValue == 0 {
                 tpmSend(locty, &fx)
             }
         case TISStatus.responseRetry.rawValue:
-            if state.localities[locty].state == .completion {
-                state.rwOffset = 0
+            if loc[locty].state == .completion {
+                rwOffset = 0
                 setSTS(locty, [.valid, .dataAvailable])
             }
         default:
@@ -559,52 +594,63 @@ public struct TISCore: Sendable {
     mutating func tpmSend(_ locty: Int, _ fx: inout TISEffects) {
         setState(locty, .execution)
         commandLocality = UInt8(locty)
-        let n = min(Int(state.rwOffset), state.buffer.count)
-        fx.deliver = TPMBackendCommand(locality: UInt8(locty), bytes: Array(state.buffer[0..<n]), maxResponseSize: bufferSize)
+        let n = min(Int(rwOffset), buffer.count)
+        var bytes = [UInt8](repeating: 0, count: n)
+        for i in 0..<n { bytes[i] = buffer[i] }
+        fx.deliver = TPMBackendCommand(locality: UInt8(locty), bytes: bytes, maxResponseSize: bufferSize)
         emit(.commandSent(locality: UInt8(locty), length: n))
     }
 
     /// The FIFO write of the active locality (QEMU `tpm_tis_mmio_write`, case DATA_FIFO).
-    /// `value` has the lane shift already undone.
+    /// `value` has the lane shift already undone. The hot path of a command upload: the
+    /// locality is read and written back once.
     mutating func writeFIFO(_ locty: Int, offset: UInt16, size: Int, value: UInt32) {
-        switch state.localities[locty].state {
+        var l = loc[locty]
+        let keep = TISStatus.selfTestDone.rawValue | TISStatus.familyMask.rawValue
+        let expect = TISStatus.expect.rawValue
+        let valid = TISStatus.valid.rawValue
+        switch l.state {
         case .idle, .execution, .completion:
             return  // the bytes are dropped
-        case .ready, .reception:
+        case .ready:
+            l.state = .reception
+            l.sts = (l.sts & keep) | expect | valid
+            if tracing { emit(.transition(locality: UInt8(locty), from: .ready, to: .reception)) }
+        case .reception:
             break
         }
-        if state.localities[locty].state == .ready {
-            setState(locty, .reception)
-            setSTS(locty, [.expect, .valid])
-        }
-        var val = value
-        var n = min(size, 4 - Int(offset & 3))
-        while state.localities[locty].sts & TISStatus.expect.rawValue != 0 && n > 0 {
-            let off = Int(state.rwOffset)
-            if off < bufferSize && off < state.buffer.count {
-                state.buffer[off] = UInt8(truncatingIfNeeded: val)
-                state.rwOffset &+= 1
-                val >>= 8
-                n -= 1
-            } else {
-                emit(.bufferFull(locality: UInt8(locty)))
-                setSTS(locty, .valid)
+        // QEMU stores byte by byte while Expect is set; once the buffer is full it sets
+        // stsValid alone (clearing Expect) and the rest of the write is lost. The same, at once.
+        let n = max(0, min(size, 4 - Int(offset & 3)))
+        if n > 0 && l.sts & expect != 0 {
+            let off = Int(rwOffset)
+            let room = max(0, min(bufferSize, buffer.count) - off)
+            let k = min(n, room)
+            if k > 0 {
+                var v = value
+                for i in off..<(off + k) {
+                    buffer[i] = UInt8(truncatingIfNeeded: v)
+                    v >>= 8
+                }
+                rwOffset &+= UInt16(k)
+            }
+            if k < n {
+                if tracing { emit(.bufferFull(locality: UInt8(locty))) }
+                l.sts = (l.sts & keep) | valid
             }
         }
-        if state.rwOffset > 5 && state.localities[locty].sts & TISStatus.expect.rawValue != 0 {
-            // The header size is known: see whether the whole command is in.
-            let needIRQ = state.localities[locty].sts & TISStatus.valid.rawValue == 0
-            // QEMU holds the size in a uint16_t here: a header size of 0x80010000 reads as 0
-            // and completes the command (seen against QEMU 7.2 by the random differential).
+        var needIRQ = false
+        if rwOffset > 5 && l.sts & expect != 0 {
+            // The header size is known: see whether the whole command is in. QEMU holds the
+            // size in a uint16_t here: a header size of 0x80010000 reads as 0 and completes the
+            // command (seen against QEMU 7.2 by the random differential).
+            needIRQ = l.sts & valid == 0
             let len = UInt16(truncatingIfNeeded: bufferHeaderSize)
-            if len > state.rwOffset {
-                setSTS(locty, [.expect, .valid])
-            } else {
-                setSTS(locty, .valid)
-            }
-            if needIRQ {
-                raiseIRQ(UInt8(locty), .stsValid)
-            }
+            l.sts = (l.sts & keep) | (len > rwOffset ? expect | valid : valid)
+        }
+        loc[locty] = l
+        if needIRQ {
+            raiseIRQ(UInt8(locty), .stsValid)
         }
     }
 }

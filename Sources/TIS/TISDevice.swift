@@ -47,6 +47,8 @@ public final class TISDevice: Sendable {
     private let irqGeneration = Atomic<UInt64>(0)
     /// Commands decided under the lock and not yet handed to the runner.
     private let pendingDeliveries = Atomic<Int>(0)
+    /// Whether events are collected (an event sink was given).
+    private let tracing: Bool
 
     /// Creates the device and resets it (QEMU realize + first machine reset). A backend that
     /// fails to start leaves the device in QEMU's startup-error mode (all reads 0, writes
@@ -66,6 +68,7 @@ public final class TISDevice: Sendable {
         self.irqLine = irq
         self.eventSink = events
         self.ppi = PPIRegion()
+        self.tracing = events != nil
         var c = TISCore(version: runner.backend.tpmVersion, bufferSize: TISGeometry.bufferSize, configuration: configuration)
         c.tracing = events != nil
         self.core = Mutex(c)
@@ -114,14 +117,28 @@ public final class TISDevice: Sendable {
             report([.invalidAccess(offset: offset, size: size, isWrite: false)])
             return 0xFFFF_FFFF
         }
-        let (value, irq, events) = core.withLock { c -> (UInt32, (UInt64, Bool)?, [TISEvent]) in
-            let before = c.irqLevel
-            let v = c.read(offset: UInt16(offset), size: size)
-            let irq = c.irqLevel != before ? (irqGeneration.add(1, ordering: .relaxed).newValue, c.irqLevel) : nil
-            return (v, irq, c.takeEvents())
+        var irqHigh = false
+        var generation: UInt64 = 0
+        let value: UInt32
+        if tracing {
+            var events: [TISEvent] = []
+            value = core.withLock { c -> UInt32 in
+                let before = c.irqLevel
+                let v = c.read(offset: UInt16(truncatingIfNeeded: offset), size: size)
+                if c.irqLevel != before { irqHigh = c.irqLevel; generation = irqGeneration.add(1, ordering: .relaxed).newValue }
+                events = c.takeEvents()
+                return v
+            }
+            if !events.isEmpty { report(events) }
+        } else {
+            value = core.withLock { c -> UInt32 in
+                let before = c.irqLevel
+                let v = c.read(offset: UInt16(truncatingIfNeeded: offset), size: size)
+                if c.irqLevel != before { irqHigh = c.irqLevel; generation = irqGeneration.add(1, ordering: .relaxed).newValue }
+                return v
+            }
         }
-        if let irq { applyIRQ(irq) }
-        if !events.isEmpty { report(events) }
+        if generation != 0 { applyIRQ((generation, irqHigh)) }
         return size == 4 ? value : value & (size == 1 ? 0xFF : 0xFFFF)
     }
 
@@ -132,15 +149,27 @@ public final class TISDevice: Sendable {
             return
         }
         var fx = TISEffects()
-        let (irq, events) = core.withLock { c -> ((UInt64, Bool)?, [TISEvent]) in
-            let before = c.irqLevel
-            c.write(offset: UInt16(offset), size: size, value: value, effects: &fx)
-            if fx.deliver != nil { pendingDeliveries.add(1, ordering: .relaxed) }
-            let irq = c.irqLevel != before ? (irqGeneration.add(1, ordering: .relaxed).newValue, c.irqLevel) : nil
-            return (irq, c.takeEvents())
+        var irqHigh = false
+        var generation: UInt64 = 0
+        if tracing {
+            var events: [TISEvent] = []
+            core.withLock { c in
+                let before = c.irqLevel
+                c.write(offset: UInt16(truncatingIfNeeded: offset), size: size, value: value, effects: &fx)
+                if fx.deliver != nil { pendingDeliveries.add(1, ordering: .relaxed) }
+                if c.irqLevel != before { irqHigh = c.irqLevel; generation = irqGeneration.add(1, ordering: .relaxed).newValue }
+                events = c.takeEvents()
+            }
+            if !events.isEmpty { report(events) }
+        } else {
+            core.withLock { c in
+                let before = c.irqLevel
+                c.write(offset: UInt16(truncatingIfNeeded: offset), size: size, value: value, effects: &fx)
+                if fx.deliver != nil { pendingDeliveries.add(1, ordering: .relaxed) }
+                if c.irqLevel != before { irqHigh = c.irqLevel; generation = irqGeneration.add(1, ordering: .relaxed).newValue }
+            }
         }
-        if let irq { applyIRQ(irq) }
-        if !events.isEmpty { report(events) }
+        if generation != 0 { applyIRQ((generation, irqHigh)) }
         if !fx.isEmpty { perform(fx) }
     }
 
