@@ -167,6 +167,41 @@ import TISDriver
         #expect(r.reads > 400)
     }
 
+    /// The PPI region (plain RAM at 0xFED45000, 0x400 bytes) and what lies around the TIS: every
+    /// width, alignments, accesses that cross into unassigned memory, on both.
+    @Test func ppiAndUnassignedOnBoth() async throws {
+        try await LibtpmsTestLock.run {
+            let m = try QEMUMachine.start()
+            defer { m.close() }
+            let backend = try LibtpmsBackend()
+            defer { backend.shutdown() }
+            let device = try TISDevice(backend: backend, mode: .inline)
+            let model = TISMachineBus(device: device)
+            var rng = SplitMix64(seed: 42)
+            var reads = 0
+            var differences: [String] = []
+            let bases: [UInt64] = [0xFED4_5000, 0xFED4_5100, 0xFED4_515A, 0xFED4_53F8, 0xFED4_53FE, 0xFED4_5400, 0xFED4_4FFC, 0xFED3_FFFE, 0xFED4_6000]
+            for i in 0..<600 {
+                let a = bases[Int(rng.next() % UInt64(bases.count))] + rng.next() % 8
+                let size = [1, 2, 4, 8][Int(rng.next() % 4)]
+                if i % 3 == 0 {
+                    let v = rng.next()
+                    // Keep TIS writes out: this test is about the memory around it.
+                    if a >= 0xFED4_5000 {
+                        try m.bus.write(a, size: size, value: v)
+                        try model.write(a, size: size, value: v)
+                    }
+                } else {
+                    let q = try m.bus.read(a, size: size), mv = try model.read(a, size: size)
+                    reads += 1
+                    if q != mv { differences.append("read\(size * 8) 0x\(String(a, radix: 16)): QEMU 0x\(String(q, radix: 16)) model 0x\(String(mv, radix: 16))") }
+                }
+            }
+            #expect(differences == [])
+            #expect(reads > 300)
+        }
+    }
+
     /// Many more seeds, when asked for (`TIS_DIFF_SEEDS`).
     @Test func manySeedsWhenAsked() async throws {
         let env = ProcessInfo.processInfo.environment
