@@ -36,8 +36,11 @@ let package = Package(
         .target(name: "VMState", dependencies: ["TIS", "EmulatorBackend", "WireFormat"]),
         // Test support: real QEMU 7.2 driven through qtest and QMP, swtpm, halt.bin.
         .target(name: "QEMUHarness", dependencies: ["TISConformance", "TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
+        // `tis-sim serve`: swtpm's TCP data/ctrl channels and the mssim ports in front of a TIS
+        // device, every command carried through the FIFO by the register-level driver.
+        .target(name: "TPMServer", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
         .executableTarget(name: "tis-sim", dependencies: [
-            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState",
+            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState", "TPMServer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // `make bench`: figures against references measured in the same run.
@@ -48,6 +51,7 @@ let package = Package(
         .testTarget(name: "SwtpmTests", dependencies: ["EmulatorBackend", "TIS", "TISDriver", "WireFormat", "QEMUHarness"]),
         .testTarget(name: "VMStateTests", dependencies: ["VMState", "TIS", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISDriver"],
                     exclude: ["Fixtures"]),
+        .testTarget(name: "ServerTests", dependencies: ["TPMServer", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "TISConformance"]),
         .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )

@@ -678,3 +678,148 @@ extension SwtpmCtrl {
         public func encodeBody(into w: inout ByteWriter) { w.writeBigEndianUInt32(retries) }
     }
 }
+
+// MARK: - Server side: framing and decoding requests
+
+extension SwtpmCtrl {
+    /// The largest SET_STATEBLOB or HASH_DATA request a server takes in one piece (code, header,
+    /// data): larger announced lengths are refused before anything is allocated.
+    public static let serverRequestLimit = 16 + SwtpmBlob.maximumSize
+
+    /// How many bytes (code included) the request starting with `prefix` needs, as swtpm's
+    /// `ctrlchannel_recv_cmd` computes it: a fixed body per code, plus the announced length for
+    /// HASH_DATA and SET_STATEBLOB. Nil while `prefix` is too short to tell. Unknown codes need
+    /// only the code (swtpm answers them with TPM_BAD_ORDINAL).
+    ///
+    /// swtpm reads greedily: bytes that arrive with a request beyond its length (QEMU sends
+    /// SET_LOCALITY with 3 padding bytes) belong to that request, not to the next one.
+    public static func requestLength(_ prefix: [UInt8]) -> Int? {
+        var r = ByteReader(prefix)
+        guard let raw = try? r.readBigEndianUInt32("cmd") else { return nil }
+        guard let code = CommandCode(rawValue: raw) else { return 4 }
+        switch code {
+        case .getCapability, .shutdown, .getTPMEstablished, .hashStart, .hashEnd, .cancelTPMCommand,
+             .storeVolatile, .stop, .getConfig, .setDataFD:
+            return 4
+        case .setLocality, .resetTPMEstablished:
+            return 4 + 1
+        case .initialize, .setBufferSize, .lockStorage:
+            return 4 + 4
+        case .getStateBlob:
+            return 4 + 12
+        case .getInfo:
+            return 4 + 16
+        case .hashData:
+            guard let n = try? r.readBigEndianUInt32("length") else { return nil }
+            return 8 + Int(n)
+        case .setStateBlob:
+            guard (try? r.skip(8, "state_flags, type")) != nil, let n = try? r.readBigEndianUInt32("length") else { return nil }
+            return 16 + Int(n)
+        }
+    }
+
+    /// Any ctrl request, decoded from the bytes a client sent (the server side of the codec).
+    public enum AnyRequest: Sendable, Equatable {
+        case getCapability
+        case initialize(Initialize)
+        case shutdown
+        case getTPMEstablished
+        case setLocality(SetLocality)
+        case hashStart
+        case hashData(HashData)
+        case hashEnd
+        case cancelTPMCommand
+        case storeVolatile
+        case resetTPMEstablished(ResetTPMEstablished)
+        case getStateBlob(GetStateBlob)
+        case setStateBlob(SetStateBlob)
+        case stop
+        case getConfig
+        case setDataFD
+        case setBufferSize(SetBufferSize)
+        case getInfo(GetInfo)
+        case lockStorage(LockStorage)
+        /// A code swtpm does not know (answered with TPM_BAD_ORDINAL).
+        case unknown(code: UInt32)
+
+        /// The command code, nil for `.unknown`.
+        public var code: CommandCode? {
+            switch self {
+            case .getCapability: .getCapability
+            case .initialize: .initialize
+            case .shutdown: .shutdown
+            case .getTPMEstablished: .getTPMEstablished
+            case .setLocality: .setLocality
+            case .hashStart: .hashStart
+            case .hashData: .hashData
+            case .hashEnd: .hashEnd
+            case .cancelTPMCommand: .cancelTPMCommand
+            case .storeVolatile: .storeVolatile
+            case .resetTPMEstablished: .resetTPMEstablished
+            case .getStateBlob: .getStateBlob
+            case .setStateBlob: .setStateBlob
+            case .stop: .stop
+            case .getConfig: .getConfig
+            case .setDataFD: .setDataFD
+            case .setBufferSize: .setBufferSize
+            case .getInfo: .getInfo
+            case .lockStorage: .lockStorage
+            case .unknown: nil
+            }
+        }
+
+        /// Decodes one whole request (`requestLength` bytes or more; the excess is ignored as
+        /// swtpm ignores it). A body shorter than the code needs throws `.truncated` (swtpm
+        /// answers TPM_BAD_PARAMETER); a state blob or hash length above
+        /// `serverRequestLimit` throws `.lengthOverLimit`.
+        public static func decode(_ bytes: [UInt8]) throws(WireError) -> AnyRequest {
+            var r = ByteReader(bytes)
+            let raw = try r.readBigEndianUInt32("cmd")
+            guard let code = CommandCode(rawValue: raw) else { return .unknown(code: raw) }
+            let f = code.name
+            switch code {
+            case .getCapability: return .getCapability
+            case .initialize:
+                return .initialize(Initialize(flags: InitFlags(rawValue: try r.readBigEndianUInt32(f + ".init_flags"))))
+            case .shutdown: return .shutdown
+            case .getTPMEstablished: return .getTPMEstablished
+            case .setLocality: return .setLocality(SetLocality(locality: try r.readUInt8(f + ".loc")))
+            case .hashStart: return .hashStart
+            case .hashData:
+                let n = try r.readBigEndianUInt32(f + ".length")
+                return .hashData(HashData(data: try r.readBytes(Int(n), f + ".data", limit: serverRequestLimit)))
+            case .hashEnd: return .hashEnd
+            case .cancelTPMCommand: return .cancelTPMCommand
+            case .storeVolatile: return .storeVolatile
+            case .resetTPMEstablished:
+                return .resetTPMEstablished(ResetTPMEstablished(locality: try r.readUInt8(f + ".loc")))
+            case .getStateBlob:
+                let flags = StateFlags(rawValue: try r.readBigEndianUInt32(f + ".state_flags"))
+                let t = try r.readBigEndianUInt32(f + ".type")
+                let offset = try r.readBigEndianUInt32(f + ".offset")
+                guard let type = TPMStateBlobType(rawValue: t) else {
+                    throw WireError(.invalidValue, field: f + ".type", offset: 8, detail: "blob type \(t)")
+                }
+                return .getStateBlob(GetStateBlob(type: type, flags: flags, offset: offset))
+            case .setStateBlob:
+                let flags = StateFlags(rawValue: try r.readBigEndianUInt32(f + ".state_flags"))
+                let t = try r.readBigEndianUInt32(f + ".type")
+                let n = try r.readBigEndianUInt32(f + ".length")
+                guard let type = TPMStateBlobType(rawValue: t) else {
+                    throw WireError(.invalidValue, field: f + ".type", offset: 8, detail: "blob type \(t)")
+                }
+                return .setStateBlob(SetStateBlob(type: type, flags: flags,
+                                                  data: try r.readBytes(Int(n), f + ".data", limit: serverRequestLimit)))
+            case .stop: return .stop
+            case .getConfig: return .getConfig
+            case .setDataFD: return .setDataFD
+            case .setBufferSize: return .setBufferSize(SetBufferSize(size: try r.readBigEndianUInt32(f + ".buffersize")))
+            case .getInfo:
+                let flags = InfoFlags(rawValue: try r.readBigEndianUInt64(f + ".flags"))
+                let offset = try r.readBigEndianUInt32(f + ".offset")
+                return .getInfo(GetInfo(flags: flags, offset: offset))
+            case .lockStorage: return .lockStorage(LockStorage(retries: try r.readBigEndianUInt32(f + ".retries")))
+            }
+        }
+    }
+}
