@@ -355,10 +355,16 @@ public final class TPMServer: @unchecked Sendable {
             }
         }
 
+        /// Makes room for a new connection: closes one whose reply is already out (draining),
+        /// else the longest-idle one without a request, else the slowest partial request (the
+        /// oldest first byte). Connections with a request at the engine or a reply being
+        /// written are never closed; if all are, the new connection is refused.
         func evictOrRefuse(now: Double) -> Bool {
-            // The longest-idle connection with nothing buffered and nothing in flight.
-            let idle = connections.values.filter { $0.phase == .reading && $0.input.isEmpty }
-            guard let victim = idle.min(by: { $0.lastActivity < $1.lastActivity }) else { return false }
+            let all = Array(connections.values)
+            let victim = all.first { $0.phase == .draining }
+                ?? all.filter { $0.phase == .reading && $0.input.isEmpty }.min { $0.lastActivity < $1.lastActivity }
+                ?? all.filter { $0.phase == .reading }.min { $0.since < $1.since }
+            guard let victim else { return false }
             close(victim)
             stats.update { $0.connectionsEvicted += 1 }
             return true

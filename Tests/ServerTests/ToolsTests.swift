@@ -1,0 +1,111 @@
+import EmulatorBackend
+import Foundation
+import Testing
+
+/// What the tpm2-tools workflow produced on one TPM, for comparison.
+struct WorkflowOutput: Equatable {
+    var pcrRead: String
+    var nvData: [UInt8]
+    var capabilities: [String: String]
+}
+
+/// The tpm2-tools 5.4 workflow of issue 10, run against any `-T` TCTI: startup, getrandom,
+/// pcrextend + pcrread, createprimary + create + load + sign + verifysignature,
+/// nvdefine + nvwrite + nvread, getcap.
+func toolWorkflow(_ tcti: String, dir: String, digest: [UInt8], nvData: [UInt8]) throws -> WorkflowOutput {
+    try tpm2("startup", tcti, ["-c"], cwd: dir)
+    let random = try tpm2("getrandom", tcti, ["16", "--hex"], cwd: dir).stdout
+    #expect(random.count == 32 && random.allSatisfy(\.isHexDigit), "getrandom: \(random)")
+
+    try tpm2("pcrextend", tcti, ["16:sha256=" + digest.hex], cwd: dir)
+    let pcr = try tpm2("pcrread", tcti, ["sha256:16"], cwd: dir).stdout
+
+    var caps: [String: String] = [:]
+    for cap in ["properties-fixed", "algorithms", "commands", "pcrs", "ecc-curves"] {
+        caps[cap] = try tpm2("getcap", tcti, [cap], cwd: dir).stdout
+    }
+
+    // No resource manager between the tools and the TPM (as with a plain swtpm): each tool
+    // leaves its objects loaded, so transient objects are flushed between steps.
+    try tpm2("createprimary", tcti, ["-C", "o", "-G", "ecc", "-c", "primary.ctx"], cwd: dir)
+    try tpm2("flushcontext", tcti, ["-t"], cwd: dir)
+    try tpm2("create", tcti, ["-C", "primary.ctx", "-G", "ecc", "-u", "key.pub", "-r", "key.priv"], cwd: dir)
+    try tpm2("flushcontext", tcti, ["-t"], cwd: dir)
+    try tpm2("load", tcti, ["-C", "primary.ctx", "-u", "key.pub", "-r", "key.priv", "-c", "key.ctx"], cwd: dir)
+    try tpm2("flushcontext", tcti, ["-t"], cwd: dir)
+    try Data("message signed through the TIS".utf8).write(to: URL(fileURLWithPath: dir + "/msg.dat"))
+    try tpm2("sign", tcti, ["-c", "key.ctx", "-g", "sha256", "-o", "sig.dat", "msg.dat"], cwd: dir)
+    try tpm2("verifysignature", tcti, ["-c", "key.ctx", "-g", "sha256", "-m", "msg.dat", "-s", "sig.dat"], cwd: dir)
+    // A tampered message must not verify.
+    try Data("message signed through the TIS!".utf8).write(to: URL(fileURLWithPath: dir + "/bad.dat"))
+    let bad = try runTool(["tpm2_verifysignature", "-T", tcti, "-c", "key.ctx", "-g", "sha256", "-m", "bad.dat", "-s", "sig.dat"], cwd: dir)
+    #expect(bad.status != 0, "a tampered message verified: \(bad)")
+
+    try Data(nvData).write(to: URL(fileURLWithPath: dir + "/nv.dat"))
+    try tpm2("nvdefine", tcti, ["0x1500016", "-C", "o", "-s", "\(nvData.count)", "-a", "ownerread|ownerwrite"], cwd: dir)
+    try tpm2("nvwrite", tcti, ["0x1500016", "-C", "o", "-i", "nv.dat"], cwd: dir)
+    try tpm2("nvread", tcti, ["0x1500016", "-C", "o", "-s", "\(nvData.count)", "-o", "nvout.dat"], cwd: dir)
+    let nv = [UInt8]((try? Data(contentsOf: URL(fileURLWithPath: dir + "/nvout.dat"))) ?? Data())
+    return WorkflowOutput(pcrRead: pcr, nvData: nv, capabilities: caps)
+}
+
+@Suite(.serialized) struct ToolsTests {
+    static let digest = Crypto.sha256(Array("tpm2-tools through the TIS".utf8))
+    static let nvData = Array((0..<32).map { UInt8($0 * 7 & 0xFF) })
+
+    /// tpm2-tools against `tis-sim serve` (every command through the TIS FIFO) give the same
+    /// outputs as against a plain swtpm: PCR 16 = sha256(0³² ‖ d), the NV data written, and
+    /// identical getcap answers; the signature made through the TIS verifies.
+    @Test(arguments: ["libtpms", "swtpm"])
+    func workflowMatchesDirectSwtpm(backend: String) throws {
+        let work = try TempDir("tools-\(backend)")
+        let served = work.path + "/served", direct = work.path + "/direct"
+        for d in [served, direct, served + "-state", direct + "-state"] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
+        let server = try ServeProcess(backend: backend, stateDir: served + "-state")
+        let reference = try DirectSwtpm(stateDir: direct + "-state")
+
+        let ours = try toolWorkflow(server.tcti, dir: served, digest: Self.digest, nvData: Self.nvData)
+        let theirs = try toolWorkflow(reference.tcti, dir: direct, digest: Self.digest, nvData: Self.nvData)
+
+        let expected = Crypto.pcrExtendSHA256([Self.digest])
+        #expect(ours.pcrRead.uppercased().contains(expected.hex.uppercased()), "pcrread: \(ours.pcrRead)")
+        #expect(ours.pcrRead == theirs.pcrRead)
+        #expect(ours.nvData == Self.nvData)
+        #expect(ours.nvData == theirs.nvData)
+        for (cap, text) in theirs.capabilities {
+            #expect(ours.capabilities[cap] == text, "getcap \(cap) differs")
+        }
+        #expect(server.stop() == 0, "serve exit: \(server.output)")
+    }
+
+    /// The mssim TCTI (`-T mssim`) reaches the same TIS: power-on and NV-on on the platform
+    /// port, TPM_SEND_COMMAND on the TPM port; and swtpm_ioctl talks to the ctrl port.
+    @Test func mssimAndSwtpmIoctl() throws {
+        let work = try TempDir("mssim")
+        let server = try ServeProcess(backend: "libtpms", stateDir: work.path + "/state", extra: ["--mssim-port", "0"])
+        let mssim = "mssim:host=127.0.0.1,port=\(server.ports["mssim"] ?? 0)"
+        try tpm2("startup", mssim, ["-c"], cwd: work.path)
+        let r = try tpm2("getrandom", mssim, ["8", "--hex"], cwd: work.path).stdout
+        #expect(r.count == 16)
+        try tpm2("pcrextend", mssim, ["16:sha256=" + Self.digest.hex], cwd: work.path)
+        // The same PCR read back over the swtpm TCTI: one TPM behind both protocols.
+        let pcr = try tpm2("pcrread", server.tcti, ["sha256:16"], cwd: work.path).stdout
+        #expect(pcr.uppercased().contains(Crypto.pcrExtendSHA256([Self.digest]).hex.uppercased()))
+
+        let ctrl = "127.0.0.1:\(server.ctrlPort)"
+        let caps = try runTool(["swtpm_ioctl", "--tcp", ctrl, "-c"])
+        #expect(caps.status == 0 && caps.stdout.hasPrefix("ptm capability is 0x"), "\(caps)")
+        let est = try runTool(["swtpm_ioctl", "--tcp", ctrl, "-e"])
+        #expect(est.stdout == "tpmEstablished is 0\n", "\(est)")
+        let info = try runTool(["swtpm_ioctl", "--tcp", ctrl, "--info", "1"])
+        #expect(info.stdout.contains("\"family\":\"2.0\""), "\(info)")
+        let loc4 = try runTool(["swtpm_ioctl", "--tcp", ctrl, "-l", "4"])
+        #expect(loc4.status != 0, "locality 4 must be refused: \(loc4)")
+        // CMD_SHUTDOWN stops the server (swtpm exits on it).
+        let down = try runTool(["swtpm_ioctl", "--tcp", ctrl, "-s"])
+        #expect(down.status == 0, "\(down)")
+        #expect(server.stop() == 0)
+    }
+}
