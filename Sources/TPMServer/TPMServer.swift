@@ -362,8 +362,8 @@ public final class TPMServer: @unchecked Sendable {
         func evictOrRefuse(now: Double) -> Bool {
             let all = Array(connections.values)
             let victim = all.first { $0.phase == .draining }
-                ?? all.filter { $0.phase == .reading && $0.input.isEmpty }.min { $0.lastActivity < $1.lastActivity }
-                ?? all.filter { $0.phase == .reading }.min { $0.since < $1.since }
+                ?? all.filter { $0.phase == .reading && $0.input.isEmpty }.min { ($0.lastActivity, $0.id) < ($1.lastActivity, $1.id) }
+                ?? all.filter { $0.phase == .reading }.min { ($0.since, $0.id) < ($1.since, $1.id) }
             guard let victim else { return false }
             close(victim)
             stats.update { $0.connectionsEvicted += 1 }

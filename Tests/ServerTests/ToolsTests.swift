@@ -108,4 +108,30 @@ func toolWorkflow(_ tcti: String, dir: String, digest: [UInt8], nvData: [UInt8])
         #expect(down.status == 0, "\(down)")
         #expect(server.stop() == 0)
     }
+
+    /// The state directory outlives the server: an NV index written through one `tis-sim
+    /// serve` is read back through the next one started on the same `--state-dir` (which is
+    /// a real restart: PCR 16 is back to zero after TPM2_Startup). The second start uses
+    /// `--startup-clear`, so no tpm2_startup is needed.
+    @Test(arguments: ["libtpms", "swtpm"])
+    func statePersistsAcrossRestart(backend: String) throws {
+        let work = try TempDir("persist-\(backend)")
+        let state = work.path + "/state"
+        let data = Array("persisted through the TIS".utf8)
+        try Data(data).write(to: URL(fileURLWithPath: work.path + "/nv.dat"))
+        do {
+            let first = try ServeProcess(backend: backend, stateDir: state)
+            try tpm2("startup", first.tcti, ["-c"], cwd: work.path)
+            try tpm2("nvdefine", first.tcti, ["0x1500017", "-C", "o", "-s", "\(data.count)", "-a", "ownerread|ownerwrite"], cwd: work.path)
+            try tpm2("nvwrite", first.tcti, ["0x1500017", "-C", "o", "-i", "nv.dat"], cwd: work.path)
+            try tpm2("pcrextend", first.tcti, ["16:sha256=" + Self.digest.hex], cwd: work.path)
+            #expect(first.stop() == 0, "\(first.output)")
+        }
+        let second = try ServeProcess(backend: backend, stateDir: state, extra: ["--startup-clear"])
+        try tpm2("nvread", second.tcti, ["0x1500017", "-C", "o", "-s", "\(data.count)", "-o", "out.dat"], cwd: work.path)
+        #expect([UInt8]((try? Data(contentsOf: URL(fileURLWithPath: work.path + "/out.dat"))) ?? Data()) == data)
+        let pcr = try tpm2("pcrread", second.tcti, ["sha256:16"], cwd: work.path).stdout
+        #expect(pcr.contains("0x" + String(repeating: "0", count: 64)), "PCR 16 after restart: \(pcr)")
+        #expect(second.stop() == 0, "\(second.output)")
+    }
 }
