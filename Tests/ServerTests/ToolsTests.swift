@@ -134,4 +134,17 @@ func toolWorkflow(_ tcti: String, dir: String, digest: [UInt8], nvData: [UInt8])
         #expect(pcr.contains("0x" + String(repeating: "0", count: 64)), "PCR 16 after restart: \(pcr)")
         #expect(second.stop() == 0, "\(second.output)")
     }
+
+    /// `--tpm1.2 --startup-clear`: a TPM 1.2 behind the TIS; the server already sent
+    /// TPM_Startup(ST_CLEAR), so a second one is refused (TPM_INVALID_POSTINIT) and
+    /// TPM_GetRandom answers.
+    @Test func tpm12() throws {
+        let work = try TempDir("tpm12")
+        let server = try ServeProcess(backend: "libtpms", stateDir: work.path + "/state", extra: ["--tpm1.2", "--startup-clear"])
+        let startup = try RawClient.command(port: server.dataPort, [0x00, 0xC1, 0, 0, 0, 0x0C, 0, 0, 0, 0x99, 0, 1])
+        #expect(startup == [0x00, 0xC4, 0, 0, 0, 0x0A, 0, 0, 0, 0x26])
+        let random = try RawClient.command(port: server.dataPort, [0x00, 0xC1, 0, 0, 0, 0x0E, 0, 0, 0, 0x46, 0, 0, 0, 8])
+        #expect(random.count == 22 && random.prefix(2) == [0x00, 0xC4] && be32(random, 6) == 0 && be32(random, 10) == 8, "\(random.hex)")
+        #expect(server.stop() == 0)
+    }
 }
