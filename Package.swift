@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "EmulatorBackend", targets: ["EmulatorBackend"]),
         .library(name: "TISDriver", targets: ["TISDriver"]),
         .library(name: "VMState", targets: ["VMState"]),
+        .library(name: "TPMDiagnostics", targets: ["TPMDiagnostics"]),
         .executable(name: "tis-sim", targets: ["tis-sim"]),
     ],
     dependencies: [
@@ -34,13 +35,16 @@ let package = Package(
         .target(name: "TISConformance", dependencies: ["TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
         // QEMU's migration stream: framing, vmstate schema, the TPM sections, whole-stream walking.
         .target(name: "VMState", dependencies: ["TIS", "EmulatorBackend", "WireFormat"]),
+        // Stream inspection and the migration troubleshooter: blob decoding, migration-key
+        // decryption, libtpms validation, findings (tis-sim inspect / validate).
+        .target(name: "TPMDiagnostics", dependencies: ["VMState", "EmulatorBackend", "WireFormat", "CLibtpms", "COpenSSL", "TIS"]),
         // Test support: real QEMU 7.2 driven through qtest and QMP, swtpm, halt.bin.
         .target(name: "QEMUHarness", dependencies: ["TISConformance", "TISDriver", "TIS", "EmulatorBackend", "WireFormat"]),
         // `tis-sim serve`: swtpm's TCP data/ctrl channels and the mssim ports in front of a TIS
         // device, every command carried through the FIFO by the register-level driver.
         .target(name: "TPMServer", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
         .executableTarget(name: "tis-sim", dependencies: [
-            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState", "TPMServer",
+            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState", "TPMServer", "TPMDiagnostics",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // `make bench`: figures against references measured in the same run.
@@ -52,6 +56,7 @@ let package = Package(
         .testTarget(name: "VMStateTests", dependencies: ["VMState", "TIS", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISDriver"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "ServerTests", dependencies: ["TPMServer", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "TISConformance"]),
+        .testTarget(name: "DiagnosticsTests", dependencies: ["TPMDiagnostics", "VMState", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISConformance", "TIS"]),
         .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )

@@ -177,6 +177,13 @@ public final class LibtpmsBackend: TPMBackend, @unchecked Sendable {
     /// ChooseTPMVersion + RegisterCallbacks + SetBufferSize, before SetState / MainInit.
     private func prepare(_ e: inout Engine) throws(BackendError) {
         try check(TPMLIB_ChooseTPMVersion(libtpmsVersion), "TPMLIB_ChooseTPMVersion")
+        try check(Self.registerCallbacks(), "TPMLIB_RegisterCallbacks")
+        var minSize: UInt32 = 0, maxSize: UInt32 = 0
+        e.bufferSize = TPMLIB_SetBufferSize(e.bufferSize, &minSize, &maxSize)
+    }
+
+    /// The NVRAM and I/O callbacks (swtpm's `libtpms_cbs`), backed by `LibtpmsGlobals.nv`.
+    private static func registerCallbacks() -> TPM_RESULT {
         var cbs = libtpms_callbacks()
         cbs.sizeOfStruct = Int32(MemoryLayout<libtpms_callbacks>.size)
         cbs.tpm_nvram_init = nvInit
@@ -186,9 +193,67 @@ public final class LibtpmsBackend: TPMBackend, @unchecked Sendable {
         cbs.tpm_io_init = ioInit
         cbs.tpm_io_getlocality = ioGetLocality
         cbs.tpm_io_getphysicalpresence = ioGetPhysicalPresence
-        try check(TPMLIB_RegisterCallbacks(&cbs), "TPMLIB_RegisterCallbacks")
-        var minSize: UInt32 = 0, maxSize: UInt32 = 0
-        e.bufferSize = TPMLIB_SetBufferSize(e.bufferSize, &minSize, &maxSize)
+        return TPMLIB_RegisterCallbacks(&cbs)
+    }
+
+    /// Whether this libtpms accepts plain libtpms state blobs, as a migration destination's
+    /// swtpm would: `TPMLIB_ChooseTPMVersion`, `TPMLIB_SetState` for each non-empty blob in the
+    /// order swtpm's SET_STATEBLOB takes them (permanent, volatile, savestate; SetState
+    /// test-unmarshals each at once), then `TPMLIB_ValidateState` over the types set.
+    ///
+    /// Claims the process-wide libtpms for the duration (throws `.libtpmsInUse` while a
+    /// `LibtpmsBackend` is live), never powers the TPM on, never touches a state directory
+    /// (the NV callbacks see an empty in-memory store), and clears libtpms' cached blobs before
+    /// releasing it. A refusal throws `.libtpmsCall` with the libtpms call, the blob type and
+    /// the TPM result (0x2E TPM_RC_BAD_VERSION for newer state, 0x03 for different compile-time
+    /// options, 0x1E / 0x43 for the other TPM family, ...).
+    public static func validateState(blobs: [(TPMStateBlobType, [UInt8])], version: TPMVersion) throws(BackendError) {
+        guard version != .unspecified else {
+            throw BackendError(.unsupported, "validation needs TPM version 1.2 or 2.0", operation: "TPMLIB_ValidateState")
+        }
+        let (exchanged, _) = LibtpmsGlobals.live.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
+        guard exchanged else {
+            throw BackendError(.libtpmsInUse, "a LibtpmsBackend is live in this process; libtpms holds one TPM per process",
+                               operation: "TPMLIB_ValidateState")
+        }
+        LibtpmsGlobals.nv.withLock { nv in
+            nv.directory = nil
+            nv.memory = [:]
+            nv.lastError = nil
+        }
+        defer {
+            for t in [TPMLIB_STATE_PERMANENT, TPMLIB_STATE_VOLATILE, TPMLIB_STATE_SAVE_STATE] {
+                _ = TPMLIB_SetState(t, nil, 0)
+            }
+            LibtpmsGlobals.nv.withLock { nv in nv.memory = [:] }
+            LibtpmsGlobals.live.store(false, ordering: .releasing)
+        }
+        func fail(_ rc: TPM_RESULT, _ call: String, _ blob: TPMStateBlobType?) -> BackendError {
+            BackendError(.libtpmsCall, "\(call) failed", operation: call, tpmResult: rc, blobType: blob)
+        }
+        let chosen = version == .tpm12 ? TPMLIB_TPM_VERSION_1_2 : TPMLIB_TPM_VERSION_2
+        var rc = TPMLIB_ChooseTPMVersion(chosen)
+        guard rc == tpmSuccess else { throw fail(rc, "TPMLIB_ChooseTPMVersion", nil) }
+        rc = registerCallbacks()
+        guard rc == tpmSuccess else { throw fail(rc, "TPMLIB_RegisterCallbacks", nil) }
+        // TPMLIB_ValidateState reads the state through the NV callbacks, as MainInit would
+        // from swtpm's state directory: serve the blobs from memory.
+        LibtpmsGlobals.nv.withLock { nv in
+            for (t, b) in blobs where !b.isEmpty { nv.memory[t.nvName] = b }
+        }
+        var mask: UInt32 = 0
+        for t in TPMStateBlobType.allCases {
+            for (type, bytes) in blobs where type == t && !bytes.isEmpty {
+                let st = TPMLIB_StateType(rawValue: 1 << (t.rawValue - 1))
+                var b = bytes
+                rc = b.withUnsafeMutableBufferPointer { TPMLIB_SetState(st, $0.baseAddress, UInt32($0.count)) }
+                guard rc == tpmSuccess else { throw fail(rc, "TPMLIB_SetState", t) }
+                mask |= st.rawValue
+            }
+        }
+        guard mask != 0 else { return }
+        rc = TPMLIB_ValidateState(TPMLIB_StateType(rawValue: mask), 0)
+        guard rc == tpmSuccess else { throw fail(rc, "TPMLIB_ValidateState", nil) }
     }
 
     private func terminate(_ e: inout Engine) {

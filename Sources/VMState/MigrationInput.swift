@@ -46,6 +46,9 @@ public final class MigrationInput {
     let fileStart: Int
     /// Bytes moved through the buffer so far.
     public var offset: Int { base + head }
+    /// Stream offset one past the last byte: known from the start for a regular file or bytes,
+    /// and for a pipe or socket once its end has been read.
+    public var endOffset: Int? { sawEnd ? base + tail : streamLength }
 
     /// `startOffset` is the stream offset of the first byte read (for a reader over a part of a
     /// stream held in memory); errors and `offset` count from it.

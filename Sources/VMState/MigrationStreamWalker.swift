@@ -207,6 +207,10 @@ public final class MigrationStreamWalker {
         pageSizeKnown = true
     }
 
+    /// Stream offset one past the stream's last byte, when known (a regular file, bytes, or a
+    /// pipe whose end was reached): where a truncated stream ends.
+    public var streamEndOffset: Int? { input.endOffset }
+
     /// Captured RAM blocks (by name) so far.
     public var capturedRAMBlocks: [String: CapturedRAMBlock] { ram.captured }
     /// RAM blocks declared so far, with their lengths.
