@@ -109,7 +109,16 @@ public struct StreamInspection: Sendable {
     public static func walk(_ source: MigrationStreamSource, name: String,
                             progress: ((Int) -> Void)? = nil) throws(StreamError) -> StreamInspection {
         var out = StreamInspection(name: name)
-        let walker = try MigrationStreamWalker(source: source)
+        let walker: MigrationStreamWalker
+        do {
+            walker = try MigrationStreamWalker(source: source)
+        } catch where error.code != .io {
+            // A damaged vmdesc at the end of a file: walk it as a pipe; reading the trailer at
+            // the end reports the damage where it is.
+            var o = MigrationStreamWalker.Options()
+            o.readTrailingVMDescription = false
+            walker = try MigrationStreamWalker(source: source, options: o)
+        }
         out.vmDescription = walker.vmDescription
         var lastReport = 0
         do throws(StreamError) {
