@@ -69,6 +69,7 @@ public final class TISDevice: Sendable {
         self.eventSink = events
         self.ppi = PPIRegion()
         self.tracing = events != nil
+        self.configuration = configuration
         var c = TISCore(version: runner.backend.tpmVersion, bufferSize: TISGeometry.bufferSize, configuration: configuration)
         c.tracing = events != nil
         self.core = Mutex(c)
@@ -85,7 +86,7 @@ public final class TISDevice: Sendable {
         let backend = runner.backend
         let version = backend.tpmVersion
         let size = min(backend.bufferSize(), TISGeometry.bufferSize)
-        if core.withLock({ $0.configuration.ppiEnabled }) { ppi.reset() }
+        if configuration.ppiEnabled { ppi.reset() }
         runner.reset()
         core.withLock { c in
             c.reset(version: version, bufferSize: size)
@@ -288,7 +289,8 @@ public final class TISDevice: Sendable {
     /// The backend's buffer size as the device uses it (`be_buffer_size`).
     public var bufferSize: Int { core.withLock { $0.bufferSize } }
     public var tpmVersion: TPMVersion { core.withLock { $0.version } }
-    public var configuration: TISConfiguration { core.withLock { $0.configuration } }
+    /// The device's properties (fixed at creation).
+    public let configuration: TISConfiguration
 }
 
 extension TISCore {

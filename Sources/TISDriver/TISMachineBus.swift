@@ -8,12 +8,14 @@ import TIS
 /// `readq` is two dword reads, exactly as qtest sees QEMU 7.2 answer.
 public final class TISMachineBus: MMIOBus, Sendable {
     public let device: TISDevice
+    let ppiEnabled: Bool
     /// What QEMU answers for an address nothing is mapped at (per byte; x86 `pc` unassigned
     /// reads return 0 in QEMU 7.2 through qtest).
     public let unassignedByte: UInt8
 
     public init(device: TISDevice, unassignedByte: UInt8 = 0) {
         self.device = device
+        self.ppiEnabled = device.configuration.ppiEnabled
         self.unassignedByte = unassignedByte
     }
 
@@ -25,13 +27,13 @@ public final class TISMachineBus: MMIOBus, Sendable {
             return (.tis, a - tisBase, tisBase + TISGeometry.regionSize - a)
         }
         let ppiBase = PPIRegion.baseAddress
-        if device.configuration.ppiEnabled && a >= ppiBase && a < ppiBase + UInt64(PPIRegion.size) {
+        if ppiEnabled && a >= ppiBase && a < ppiBase + UInt64(PPIRegion.size) {
             return (.ppi, a - ppiBase, ppiBase + UInt64(PPIRegion.size) - a)
         }
         // Unassigned up to the next mapped region (or 8 bytes, the most an access spans).
         var next: UInt64 = a &+ 8
         if a < tisBase { next = min(next, tisBase) }
-        if device.configuration.ppiEnabled && a < ppiBase { next = min(next, ppiBase) }
+        if ppiEnabled && a < ppiBase { next = min(next, ppiBase) }
         return (.unassigned, 0, next &- a)
     }
 
@@ -47,6 +49,11 @@ public final class TISMachineBus: MMIOBus, Sendable {
     }
 
     public func read(_ address: UInt64, size: Int) throws -> UInt64 {
+        // The common case: one naturally aligned access of 1, 2 or 4 bytes inside the TIS.
+        let off = address &- TISGeometry.baseAddress
+        if off < TISGeometry.regionSize && (size == 4 || size == 1 || size == 2) && off & UInt64(size - 1) == 0 {
+            return UInt64(device.read(offset: off, size: size))
+        }
         guard (1...8).contains(size) else { throw TISBusError.badSize(size) }
         var result: UInt64 = 0
         var done = 0
@@ -74,6 +81,11 @@ public final class TISMachineBus: MMIOBus, Sendable {
     }
 
     public func write(_ address: UInt64, size: Int, value: UInt64) throws {
+        let off = address &- TISGeometry.baseAddress
+        if off < TISGeometry.regionSize && (size == 4 || size == 1 || size == 2) && off & UInt64(size - 1) == 0 {
+            device.write(offset: off, size: size, value: UInt32(truncatingIfNeeded: value))
+            return
+        }
         guard (1...8).contains(size) else { throw TISBusError.badSize(size) }
         var done = 0
         var a = address
