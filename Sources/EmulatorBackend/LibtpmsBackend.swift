@@ -228,8 +228,39 @@ public final class LibtpmsBackend: TPMBackend, @unchecked Sendable {
             LibtpmsGlobals.nv.withLock { nv in nv.memory = [:] }
             LibtpmsGlobals.live.store(false, ordering: .releasing)
         }
+        // libtpms says why it refuses state only in its log ("Minimum version 4 higher than
+        // implementation version 3 ...", "Unexpected value for ..."): collect it through a pipe.
+        var logPipe: [Int32] = [-1, -1]
+        let logging = pipe(&logPipe) == 0
+        if logging {
+            for fd in logPipe { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+            // Level 0: only the errors libtpms always logs (to stderr when no fd is set).
+            TPMLIB_SetDebugFD(logPipe[1])
+        }
+        defer {
+            if logging {
+                TPMLIB_SetDebugFD(-1)
+                close(logPipe[0])
+                close(logPipe[1])
+            }
+        }
+        func log() -> String {
+            guard logging else { return "" }
+            var out: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            while out.count < 16384 {
+                let n = chunk.withUnsafeMutableBytes { read(logPipe[0], $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                out += chunk[..<n]
+            }
+            let lines = String(decoding: out, as: UTF8.self).split(separator: "\n")
+                .map { String($0.drop { $0 == " " || $0 == "\t" }) }
+            return lines.filter { !$0.isEmpty }.prefix(4).joined(separator: "; ")
+        }
         func fail(_ rc: TPM_RESULT, _ call: String, _ blob: TPMStateBlobType?) -> BackendError {
-            BackendError(.libtpmsCall, "\(call) failed", operation: call, tpmResult: rc, blobType: blob)
+            let said = log()
+            return BackendError(.libtpmsCall, "\(call) failed" + (said.isEmpty ? "" : ": libtpms: " + said),
+                                operation: call, tpmResult: rc, blobType: blob)
         }
         let chosen = version == .tpm12 ? TPMLIB_TPM_VERSION_1_2 : TPMLIB_TPM_VERSION_2
         var rc = TPMLIB_ChooseTPMVersion(chosen)

@@ -126,7 +126,9 @@ public struct LibtpmsStateInfo: Sendable, Equatable {
             if v >= 2 { info.minVersion = be16(6); at = 8 }
             if v >= 4, let len = be16(at), at + 2 + Int(len) <= b.count {
                 let json = b[(at + 2)..<(at + 2 + Int(len))].prefix { $0 != 0 }
-                info.profile = String(decoding: json, as: UTF8.self)
+                if json.first == UInt8(ascii: "{"), json.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) {
+                    info.profile = String(decoding: json, as: UTF8.self)
+                }
                 at += 2 + Int(len)
             }
             if let cc = find(compileConstantsMagic, from: at, within: 64) {

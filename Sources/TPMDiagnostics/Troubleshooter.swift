@@ -235,7 +235,8 @@ public enum Troubleshooter {
         let a = e.blobType.flatMap { t in analyses.first { $0.type == t } } ?? analyses[0]
         let name = "state_blobs.\(StreamInspection.qemuBlobName(a.type)).buffer"
         let info = a.libtpms
-        let call = "\(e.operation ?? "libtpms")\(e.blobType.map { " (\($0))" } ?? "") returned 0x\(String(rc, radix: 16))"
+        var call = "\(e.operation ?? "libtpms")\(e.blobType.map { " (\($0))" } ?? "") returned 0x\(String(rc, radix: 16))"
+        if let r = e.message.firstRange(of: "libtpms: ") { call += "; " + e.message[r.lowerBound...] }
         let host = libtpmsVersion
         switch rc {
         case 0x2E:

@@ -155,9 +155,12 @@ struct ValidateTests {
         case .blobNewerThanLibtpms:
             #expect(r.libtpmsResult == 0x2E)
             #expect(f.fix.contains("downgrading of TPM state may not be supported"))
+            // libtpms' own words travel in the evidence.
+            #expect(f.evidence.detail.contains("higher than implementation version"), "\(f.evidence.detail)")
         case .compileOptions:
             #expect(r.libtpmsResult == 0x03)
             #expect(f.fix.contains("compiled with different compile-time options"))
+            #expect(f.evidence.detail.contains("Unexpected value for"), "\(f.evidence.detail)")
         default:
             #expect(f.evidence.field.contains("volatil"))
         }
