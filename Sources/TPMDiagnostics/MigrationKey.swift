@@ -226,12 +226,11 @@ public struct MigrationKey: Sendable, Equatable {
         return md
     }
 
-    /// `CRYPTO_memcmp`-style comparison: time depends on the length only.
+    /// OpenSSL's `CRYPTO_memcmp` (as swtpm's `SWTPM_CheckHMAC`): time depends on the length only.
     static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
         guard a.count == b.count else { return false }
-        var acc: UInt8 = 0
-        for i in a.indices { acc |= a[i] ^ b[i] }
-        return acc == 0
+        guard !a.isEmpty else { return true }
+        return a.withUnsafeBytes { x in b.withUnsafeBytes { y in CRYPTO_memcmp(x.baseAddress, y.baseAddress, x.count) == 0 } }
     }
 
     static func sha512(_ data: [UInt8]) -> [UInt8] {

@@ -75,6 +75,21 @@ struct ValidateTests {
         }
     }
 
+    @Test("swtpm --migration-key mode=aes-256-cbc: the right key decrypts (swtpm pads to 32 bytes), a 128-bit key is the wrong size")
+    func migrationKey256() async throws {
+        let p = try RealStreams.path(StreamSpec(migrationKeyHex: Keys.right256, mode: "aes-256-cbc"))
+        let right = try MigrationKey(key: [UInt8](hexString: Keys.right256) ?? [], mode: .aes256CBC)
+        let (_, r) = try await troubleshoot(.path(p), name: p, DestinationOptions(tpmFamily: .tpm20, migrationKey: right))
+        #expect(r.findings.isEmpty, "\(r.findings)")
+        #expect(r.blobs[0].header?.flags == [.migrationData, .migrationEncrypted, .migration256BitKey])
+        #expect(r.blobs[0].decryption == .decrypted(bits: 256) && r.blobs[1].decryption == .decrypted(bits: 256))
+        #expect(r.libtpmsResult == 0)
+        let small = try MigrationKey(key: [UInt8](hexString: Keys.right128) ?? [], mode: .aes128CBC)
+        let (_, r2) = try await troubleshoot(.path(p), name: p, DestinationOptions(tpmFamily: .tpm20, migrationKey: small))
+        #expect(codes(r2).first == .migrationKeySize)
+        #expect(r2.findings.first?.message.contains("Need 256 bit key") == true)
+    }
+
     @Test("a TPM 1.2 stream: family mismatch for a TPM 2.0 destination, clean for a TPM 1.2 one")
     func tpm12() async throws {
         let p = try RealStreams.path(StreamSpec(tpm: .tpm12))
