@@ -21,9 +21,13 @@ public final class BackendRunner: Sendable {
     public let mode: ExecutionMode
 
     private struct State {
+        /// A command is delivered and its response not yet produced.
         var inFlight = false
+        /// Completion handlers running (the response is being applied to the frontend).
+        var completing = 0
         var hadStartupError = false
         var waiters = 0
+        var isIdle: Bool { !inFlight && completing == 0 }
     }
     private let state = Mutex(State())
     private let queue: DispatchQueue
@@ -43,7 +47,7 @@ public final class BackendRunner: Sendable {
     public var hadStartupError: Bool { state.withLock { $0.hadStartupError } }
 
     /// True while a command is delivered and not yet completed.
-    public var isBusy: Bool { state.withLock { $0.inFlight } }
+    public var isBusy: Bool { state.withLock { !$0.isIdle } }
 
     /// QEMU `tpm_backend_startup_tpm`: waits for an in-flight command, then starts the TPM;
     /// records the startup error the device then reports (all reads 0, writes ignored).
@@ -103,9 +107,18 @@ public final class BackendRunner: Sendable {
             response = TPMBackendResponse(bytes: command.maxResponseSize >= 10 ? TPMResponses.fatalError : [])
         }
         if let failure { onError?(failure) }
+        // QEMU clears `b->cmd` right after `request_completed`, both under the BQL, so a guest
+        // never sees the response before the backend takes a new request. Without that lock the
+        // order must be: accept new requests first, then show the response; `finishSync` still
+        // waits for the handler.
+        state.withLock { s in
+            s.inFlight = false
+            s.completing += 1
+        }
         completion(response, failure)
         let waiters = state.withLock { s -> Int in
-            s.inFlight = false
+            s.completing -= 1
+            guard s.isIdle else { return 0 }
             let w = s.waiters
             s.waiters = 0
             return w
@@ -117,7 +130,7 @@ public final class BackendRunner: Sendable {
     /// handler of the in-flight command has run when this returns.
     public func finishSync() {
         let mustWait = state.withLock { s -> Bool in
-            guard s.inFlight else { return false }
+            guard !s.isIdle else { return false }
             s.waiters += 1
             return true
         }

@@ -288,3 +288,22 @@ func usleepForTest(_ us: UInt32) { usleep(us) }
         #expect(s.localities.filter { $0.access & 0x20 != 0 }.count <= 1)
     }
 }
+
+/// Regression: with a worker, the guest could see a response (dataAvail) and issue its next
+/// tpmGo before the runner had marked the first command finished; the second command was
+/// refused as "pending" and its locality hung in EXECUTION (seen as a demo timeout on a loaded
+/// machine). The runner now takes new requests before the response becomes visible.
+@Suite struct BackToBackCommandTests {
+    @Test func backToBackCommandsOnAWorker() throws {
+        let rig = try Rig(mode: .worker)
+        let driver = TISDriver(bus: rig.bus, timeout: 5)
+        for i in 0..<3000 {
+            // The first 2000 keep locality 0; the rest rotate through 0-3, giving each up.
+            let r = i < 2000 ? try driver.transmit(startupCommand, locality: 0, relinquish: false)
+                : try driver.transmit(startupCommand, locality: UInt8(i % 4), relinquish: true)
+            #expect(r == FakeBackend.tpm2Reply)
+            if r != FakeBackend.tpm2Reply { break }
+        }
+        #expect(!rig.events.all.contains { if case .requestPending = $0 { true } else { false } })
+    }
+}
