@@ -199,6 +199,8 @@ public enum InspectRenderer {
         if let v = s.vmDescription { m.append(("page_size", .integer(Int64(v.pageSize)))) }
         m.append(("vmdesc", .bool(s.vmDescription != nil)))
         m.append(("device_sections", .integer(Int64(s.sections.count))))
+        if s.droppedRecords > 0 { m.append(("records_not_kept", .integer(Int64(s.droppedRecords)))) }
+        if s.droppedDecodedSections > 0 { m.append(("sections_not_decoded_over_limit", .integer(Int64(s.droppedDecodedSections)))) }
         if let e = s.error {
             m.append(("error", .object([("code", .string(e.code.rawValue)), ("section", .string(e.section)),
                                         ("field", .string(e.field)), ("offset", .integer(Int64(e.offset))),

@@ -65,8 +65,20 @@ public struct StreamInspection: Sendable {
     public var ram = RAMInspection()
     /// Every device section (not RAM), in stream order.
     public var sections: [InspectedSection] = []
-    /// QEMU_VM_COMMAND records.
+    /// QEMU_VM_COMMAND records (the first `maximumKeptRecords`).
     public var commands: [MigrationCommand] = []
+    /// Device sections and commands not kept (beyond `maximumKeptRecords`), and decoded trees
+    /// dropped (beyond `maximumDecodedBytes`): a hostile stream cannot make the inspection grow
+    /// without bound.
+    public var droppedRecords = 0
+    /// Sections whose decoded tree was dropped (kept as header and place only).
+    public var droppedDecodedSections = 0
+    private var decodedBytes = 0
+
+    /// At most this many device sections and commands are kept.
+    public static let maximumKeptRecords = 1 << 16
+    /// Decoded trees are kept up to this many section body bytes in all.
+    public static let maximumDecodedBytes = 64 << 20
     /// The `tpm-tis` state.
     public var tis: TISState?
     /// The `tpm-crb` registers.
@@ -144,7 +156,7 @@ public struct StreamInspection: Sendable {
         case .header, .configuration, .vmDescription:
             break
         case .command(let c):
-            commands.append(c)
+            if commands.count < Self.maximumKeptRecords { commands.append(c) } else { droppedRecords += 1 }
         case .endOfStream(let at):
             sawEOF = true
             eofOffset = at
@@ -184,7 +196,19 @@ public struct StreamInspection: Sendable {
             case .skipped:
                 break
             }
-            sections.append(sec)
+            if sec.decoded != nil && !sec.idstr.hasPrefix("tpm-") {
+                if decodedBytes + sec.bodyLength > Self.maximumDecodedBytes {
+                    sec.decoded = nil
+                    droppedDecodedSections += 1
+                } else {
+                    decodedBytes += sec.bodyLength
+                }
+            }
+            if sections.count < Self.maximumKeptRecords || sec.idstr.hasPrefix("tpm-") {
+                sections.append(sec)
+            } else {
+                droppedRecords += 1
+            }
         }
     }
 

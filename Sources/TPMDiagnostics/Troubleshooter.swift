@@ -281,7 +281,7 @@ public enum Troubleshooter {
     static func describe(_ i: LibtpmsStateInfo) -> String {
         var s = i.kind.rawValue
         if let m = i.magic { s += ", magic 0x" + String(m, radix: 16) }
-        if let v = i.version { s += ", version \(v)" }
+        if let v = i.version { s += i.kind.family == .tpm12 ? ", tag 0x" + String(format4: v) : ", version \(v)" }
         if let m = i.minVersion { s += ", min_version \(m)" }
         return s
     }
@@ -327,5 +327,13 @@ public enum Troubleshooter {
         f.enumerated().sorted { a, b in
             a.element.severity != b.element.severity ? a.element.severity < b.element.severity : a.offset < b.offset
         }.map(\.element)
+    }
+}
+
+extension String {
+    /// Four lowercase hex digits.
+    init(format4 v: UInt16) {
+        let h = String(v, radix: 16)
+        self = String(repeating: "0", count: 4 - h.count) + h
     }
 }
