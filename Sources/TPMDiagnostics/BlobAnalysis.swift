@@ -209,6 +209,7 @@ public struct BlobAnalysis: Sendable, Equatable {
     /// Its headers.
     public var libtpms: LibtpmsStateInfo?
 
+    /// Equal layers (the container problem compared by field).
     public static func == (a: BlobAnalysis, b: BlobAnalysis) -> Bool {
         a.type == b.type && a.recordFlags == b.recordFlags && a.size == b.size && a.streamOffset == b.streamOffset
             && a.header == b.header && a.tlvs == b.tlvs && a.innerTLVs == b.innerTLVs

@@ -51,6 +51,7 @@ public struct Finding: Sendable, Equatable {
         case error, warning, info
 
         private var rank: Int { self == .error ? 0 : self == .warning ? 1 : 2 }
+        /// `error` sorts first.
         public static func < (a: Severity, b: Severity) -> Bool { a.rank < b.rank }
     }
 

@@ -36,6 +36,7 @@ public struct KeyError: Error, Equatable, Sendable, CustomStringConvertible {
         self.message = message
     }
 
+    /// `code: message`.
     public var description: String { "\(code.rawValue): \(message)" }
 }
 

@@ -125,3 +125,20 @@ struct StreamDamageTests {
         print("damaged streams:", outcomes.sorted { $0.key < $1.key })
     }
 }
+
+extension StreamDamageTests {
+    @Test("a stream of 70 000 tiny sections: the inspection keeps 2^16 of them and counts the rest")
+    func manySections() throws {
+        var w = MigrationStreamWriter()
+        try w.writeConfiguration(MigrationConfiguration(machineType: MigrationFormat.i440fxMachineType))
+        var bytes = w.bytes
+        // FULL section 1 "x" instance 0 version 0, empty body, footer: 17 bytes each.
+        let one: [UInt8] = [0x04, 0, 0, 0, 1, 1, UInt8(ascii: "x"), 0, 0, 0, 0, 0, 0, 0, 0, 0x7E, 0, 0, 0, 1]
+        for _ in 0..<70_000 { bytes += one }
+        bytes.append(0x00)
+        let s = try StreamInspection.walk(.bytes(bytes), name: "many")
+        #expect(s.error == nil && s.sawEOF)
+        #expect(s.sections.count == StreamInspection.maximumKeptRecords)
+        #expect(s.droppedRecords == 70_000 - StreamInspection.maximumKeptRecords)
+    }
+}
