@@ -214,3 +214,59 @@ extension Troubleshooter {
         return a.streamOffset + o + 12
     }
 }
+
+extension ValidateTests {
+    /// A change to swtpm's 10-byte header of the permanent blob, made in place in a real stream.
+    enum HeaderDamage: String, CaseIterable, Sendable {
+        case totlen, hdrsize, minVersion
+
+        var expectedResult: String {
+            switch self {
+            case .totlen: "0x3"
+            case .hdrsize: "0x2b"
+            case .minVersion: "0x2e"
+            }
+        }
+    }
+
+    @Test("swtpm's blob header checks (SWTPM_NVRAM_CheckHeader): CORRUPT-BLOB with swtpm's result", arguments: HeaderDamage.allCases)
+    func header(_ d: HeaderDamage) async throws {
+        var bytes = try RealStreams.bytes(StreamSpec())
+        let s = try StreamInspection.walk(.bytes(bytes), name: "clean")
+        let at = try #require(s.blobOffset(.permanent))
+        switch d {
+        case .totlen: bytes[at + 9] ^= 0x01
+        case .hdrsize: bytes[at + 3] = 12
+        case .minVersion: bytes[at + 1] = 3
+        }
+        let (_, r) = try await troubleshoot(.bytes(bytes), name: d.rawValue, DestinationOptions(tpmFamily: .tpm20))
+        #expect(codes(r) == [.corruptBlob], "\(r.findings)")
+        let f = try #require(r.findings.first)
+        #expect(f.message.contains("SET_STATEBLOB \(d.expectedResult)"), "\(f.message)")
+        #expect(f.evidence.field.hasPrefix("state_blobs.permanent.buffer:swtpm."))
+        #expect((f.evidence.offset ?? 0) >= at && (f.evidence.offset ?? 0) < at + 10)
+    }
+
+    @Test("a blob still encrypted with the source's state key (--key, fetched without DECRYPTED): NEEDS-STATE-KEY")
+    func stateKey() async throws {
+        var state = try TPMMigrationState(source: .path(RealStreams.path(StreamSpec())))
+        let blobs = try #require(state.emulatorBlobs)
+        let plain = try #require(try SwtpmBlob.decode(blobs.permanent.data).plainState())
+        // swtpm's on-disk --key form inside the migration wrapper: TLV(2, ct) TLV(3, hmac) TLV(6, iv).
+        let key = try MigrationKey(key: [UInt8](repeating: 0x5A, count: 16), mode: .aes128CBC)
+        let iv = [UInt8](repeating: 0x11, count: 16)
+        let (ct, mac) = try key.encrypt(plain, iv: iv)
+        var inner = ByteWriter()
+        for (tag, value) in [(UInt16(2), ct), (3, mac), (6, iv)] {
+            inner.writeBigEndianUInt16(tag)
+            inner.writeBigEndianUInt32(UInt32(value.count))
+            inner.writeBytes(value)
+        }
+        let wrapped = SwtpmBlob(flags: [.migrationData, .encrypted], tlvs: [.init(tag: 4, value: inner.bytes)]).encoded()
+        state.emulatorBlobs?.permanent = TPMStateBlob(flags: 2, data: wrapped)
+        let (_, r) = try await troubleshoot(.bytes(try state.encodedStream()), name: "state-key", DestinationOptions(tpmFamily: .tpm20))
+        #expect(codes(r) == [.needsStateKey], "\(r.findings)")
+        #expect(r.findings.first?.evidence.field == "state_blobs.permanent_flags")
+        #expect(r.blobs[0].innerTLVs?.map(\.tag) == [2, 3, 6])
+    }
+}
