@@ -97,6 +97,7 @@ final class TPMEngine: @unchecked Sendable {
     var capabilities: SwtpmCtrl.Capabilities {
         var c: SwtpmCtrl.Capabilities = [.initialize, .shutdown, .getTPMEstablished, .setLocality, .cancelTPMCommand,
                                          .stop, .getConfig, .setBufferSize, .getInfo, .getStateBlob]
+        if backend is LibtpmsBackend || backend is SwtpmBackend { c.insert(.storeVolatile) }
         if version == .tpm20 { c.formUnion([.resetTPMEstablished, .sendCommandHeader]) }
         return c
     }
@@ -260,11 +261,9 @@ final class TPMEngine: @unchecked Sendable {
             return EngineReply(bytes: SwtpmCtrl.GetConfigResponse(flags: []).encoded())
         case .setBufferSize(let r):
             let limits = bufferLimits()
-            // The TIS buffer is fixed at the size the device was reset with; a query, or a
-            // request for exactly that size, succeeds.
-            guard r.size == 0 || UInt32(limits.current) == r.size else {
-                return result(running ? SwtpmCtrl.Result.badOrdinal : SwtpmCtrl.Result.badParameter)
-            }
+            // A size may only be set while stopped (swtpm: TPM_BAD_ORDINAL while running); the
+            // size chosen is always the TIS buffer's, fixed at the device's reset.
+            guard r.size == 0 || !running else { return result(SwtpmCtrl.Result.badOrdinal) }
             return EngineReply(bytes: SwtpmCtrl.SetBufferSizeResponse(bufferSize: UInt32(limits.current),
                                                                        minimumSize: UInt32(limits.minimum),
                                                                        maximumSize: UInt32(limits.maximum)).encoded())
@@ -275,7 +274,15 @@ final class TPMEngine: @unchecked Sendable {
             }
             let chunk = Array(text[Int(r.offset)...].prefix(SwtpmCtrl.getInfoChunkLimit))
             return EngineReply(bytes: SwtpmCtrl.GetInfoResponse(totalLength: UInt32(text.count), chunk: chunk).encoded())
-        case .hashStart, .hashData, .hashEnd, .storeVolatile, .setStateBlob, .setDataFD, .lockStorage, .unknown:
+        case .storeVolatile:
+            guard running else { return result(SwtpmCtrl.Result.badOrdinal) }
+            do {
+                try storeVolatile()
+                return result(0)
+            } catch {
+                return result(Self.rc(error))
+            }
+        case .hashStart, .hashData, .hashEnd, .setStateBlob, .setDataFD, .lockStorage, .unknown:
             return result(SwtpmCtrl.Result.badOrdinal)
         }
     }
@@ -299,6 +306,19 @@ final class TPMEngine: @unchecked Sendable {
         device.waitForCompletion()
         try? backend.startup(bufferSize: device.bufferSize, incoming: true)
         running = false
+    }
+
+    /// CMD_STORE_VOLATILE: the volatile state written next to the permanent one (libtpms:
+    /// `storeVolatile()`; swtpm: the same ctrl command).
+    private func storeVolatile() throws(BackendError) {
+        device.waitForCompletion()
+        if let l = backend as? LibtpmsBackend {
+            try l.storeVolatile()
+        } else if let s = backend as? SwtpmBackend {
+            try s.ctrl.storeVolatile()
+        } else {
+            throw BackendError(.unsupported, "the backend cannot store its volatile state")
+        }
     }
 
     private func bufferLimits() -> (current: Int, minimum: Int, maximum: Int) {

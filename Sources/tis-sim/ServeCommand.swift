@@ -52,6 +52,13 @@ struct Serve: ParsableCommand {
     @Option(help: "Connections open at once (all ports).")
     var maxConnections = 64
 
+    enum Execution: String, ExpressibleByArgument, CaseIterable {
+        case worker, inline
+    }
+
+    @Option(help: "Where the backend runs a command: on its worker thread, as QEMU does (the driver polls STS for dataAvail), or inline in the tpmGo write on the server's engine thread (faster).")
+    var execution: Execution = .worker
+
     @Option(help: "Write the bound ports as JSON to this file once serving.")
     var portFile: String?
 
@@ -96,7 +103,7 @@ struct Serve: ParsableCommand {
         config.mssimPort = mssimPort
         config.startupClear = startupClear
         config.maxConnections = maxConnections
-        let server = try TPMServer(backend: tpm, configuration: config)
+        let server = try TPMServer(backend: tpm, configuration: config, executionMode: execution == .inline ? .inline : .worker)
 
         let data = server.ports[.data] ?? 0, ctrl = server.ports[.ctrl] ?? 0
         var line = "tis-sim serve: TPM \(version) (\(backend.rawValue)) behind the TIS; data 127.0.0.1:\(data), ctrl 127.0.0.1:\(ctrl)"

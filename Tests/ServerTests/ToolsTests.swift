@@ -147,4 +147,56 @@ func toolWorkflow(_ tcti: String, dir: String, digest: [UInt8], nvData: [UInt8])
         #expect(random.count == 22 && random.prefix(2) == [0x00, 0xC4] && be32(random, 6) == 0 && be32(random, 10) == 8, "\(random.hex)")
         #expect(server.stop() == 0)
     }
+
+    /// Real tpm2-tools keep working while another client floods `tis-sim serve` with
+    /// connections (200 opened and held, 20 of them stuck mid-command, some ctrl), and the
+    /// PCR value they build is exact.
+    @Test func toolsDuringConnectionFlood() throws {
+        let work = try TempDir("flood")
+        let server = try ServeProcess(backend: "libtpms", stateDir: work.path + "/state")
+        try tpm2("startup", server.tcti, ["-c"], cwd: work.path)
+        var held: [RawClient] = []
+        var extends = 0
+        for i in 0..<200 {
+            let c = try RawClient(port: i % 10 == 9 ? server.ctrlPort : server.dataPort)
+            if i % 10 == 5 { try c.send([0x80, 0x01, 0, 0, 0, 0x0C]) }
+            held.append(c)
+            if i % 40 == 0 {
+                let r = try tpm2("getrandom", server.tcti, ["8", "--hex"], cwd: work.path).stdout
+                #expect(r.count == 16)
+                try tpm2("pcrextend", server.tcti, ["16:sha256=" + Self.digest.hex], cwd: work.path)
+                extends += 1
+            }
+        }
+        let pcr = try tpm2("pcrread", server.tcti, ["sha256:16"], cwd: work.path).stdout
+        #expect(pcr.uppercased().contains(Crypto.pcrExtendSHA256(Array(repeating: Self.digest, count: extends)).hex.uppercased()))
+        held.removeAll()
+        #expect(server.stop() == 0)
+        #expect(server.output.contains(" evicted") && !server.output.contains(" 0 evicted"), "\(server.output)")
+    }
+
+    /// swtpm_ioctl over TCP prints the same against `tis-sim serve` as against a plain swtpm
+    /// (swtpm 0.7.1's messages and exit codes), and the saved blobs have the same sizes.
+    @Test func swtpmIoctlOutputsMatchSwtpm() throws {
+        let work = try TempDir("ioctl")
+        let server = try ServeProcess(backend: "libtpms", stateDir: work.path + "/state", extra: ["--startup-clear"])
+        let reference = try DirectSwtpm(stateDir: work.path + "/direct")
+        let commands: [[String]] = [
+            ["-e"], ["-r", "3"], ["-r", "0"], ["-l", "2"], ["-l", "0"], ["-g"], ["--info", "1"], ["--info", "2"],
+            ["--info", "4"], ["--info", "8"], ["-b", "0"], ["-b", "4096"], ["-C"], ["-v"],
+            ["--save", "permanent", "perm"], ["--save", "volatile", "vol"], ["--save", "savestate", "save"],
+        ]
+        for args in commands {
+            let ours = try runTool(["swtpm_ioctl", "--tcp", "127.0.0.1:\(server.ctrlPort)"] + args.map { ["perm", "vol", "save"].contains($0) ? work.path + "/ours-" + $0 : $0 })
+            let theirs = try runTool(["swtpm_ioctl", "--tcp", "127.0.0.1:\(reference.port + 1)"] + args.map { ["perm", "vol", "save"].contains($0) ? work.path + "/theirs-" + $0 : $0 })
+            #expect(ours.status == theirs.status && ours.stdout == theirs.stdout && ours.stderr == theirs.stderr,
+                    "swtpm_ioctl \(args.joined(separator: " ")): ours \(ours), swtpm \(theirs)")
+        }
+        for blob in ["perm", "vol", "save"] {
+            let a = FileManager.default.contents(atPath: work.path + "/ours-" + blob) ?? Data([1])
+            let b = FileManager.default.contents(atPath: work.path + "/theirs-" + blob) ?? Data()
+            #expect(a.count == b.count && a.prefix(4) == b.prefix(4), "\(blob): \(a.count) vs \(b.count) bytes")
+        }
+        #expect(server.stop() == 0)
+    }
 }
