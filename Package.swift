@@ -43,8 +43,11 @@ let package = Package(
         // `tis-sim serve`: swtpm's TCP data/ctrl channels and the mssim ports in front of a TIS
         // device, every command carried through the FIFO by the register-level driver.
         .target(name: "TPMServer", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "WireFormat"]),
+        // `tis-sim machine`: a register-level test VMM driven over QEMU's qtest and QMP, migrating
+        // to and from QEMU 7.2.
+        .target(name: "TISMachine", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "VMState", "WireFormat"]),
         .executableTarget(name: "tis-sim", dependencies: [
-            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState", "TPMServer", "TPMDiagnostics",
+            "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState", "TPMServer", "TPMDiagnostics", "TISMachine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // `make bench`: figures against references measured in the same run.
@@ -57,6 +60,7 @@ let package = Package(
                     exclude: ["Fixtures"]),
         .testTarget(name: "ServerTests", dependencies: ["TPMServer", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "TISConformance"]),
         .testTarget(name: "DiagnosticsTests", dependencies: ["TPMDiagnostics", "VMState", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISConformance", "TIS"]),
+        .testTarget(name: "MachineTests", dependencies: ["TISMachine", "QEMUHarness", "TISConformance", "TIS", "TISDriver", "EmulatorBackend", "VMState", "WireFormat"]),
         .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )
