@@ -45,18 +45,20 @@ public final class QEMUMachine {
     ///     (each machine's files get a unique prefix); nil creates a fresh `/tmp` directory.
     ///   - swtpmLogLevel: swtpm `--log level=` (20 dumps every ctrl command and data byte)
     ///     into `<name>.swtpm.log`; nil for no log.
+    ///   - executable: the binary in QEMU's place (`QEMUOptions.executable`); nil = `$QEMU` or
+    ///     `qemu-system-x86_64`.
     public static func start(machine: QEMUMachineType = .pc, device: TPMInterface = .tis,
                              incoming: String? = nil, swtpmStateDir: String? = nil,
                              tpmVersion: TPMVersion = .tpm20, extraArguments: [String] = [],
                              workDirectory: WorkDirectory? = nil, swtpmLogLevel: Int? = 20,
-                             timeout: Double = 10) throws(HarnessError) -> QEMUMachine {
+                             timeout: Double = 10, executable: String? = nil) throws(HarnessError) -> QEMUMachine {
         let work: WorkDirectory
         if let workDirectory { work = workDirectory } else { work = try makeWorkDirectory() }
         let name = "vm\(counter.next())"
         guard SwtpmProcess.findExecutable() != nil else {
             throw HarnessError(.notInstalled, "swtpm not found in PATH: \(QEMUProcess.installHint)")
         }
-        _ = try QEMUProcess.findExecutable()
+        _ = try QEMUProcess.findExecutable(executable)
 
         let stateDir: String
         if let swtpmStateDir {
@@ -89,6 +91,7 @@ public final class QEMUMachine {
                                 incoming: incoming, extraArguments: extraArguments)
         qopts.name = name
         qopts.startTimeout = timeout
+        qopts.executable = executable
         let qemu: QEMUProcess
         do throws(HarnessError) {
             qemu = try QEMUProcess.launch(qopts, in: work)

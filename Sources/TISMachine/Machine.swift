@@ -60,6 +60,11 @@ public final class Machine: @unchecked Sendable {
                 do throws(BackendError) {
                     backend = try SwtpmBackend(SwtpmBackend.Configuration(ctrl: .unix(path: path)))
                 } catch {
+                    if let e = error.errno, error.code == .io || error.code == .connectionClosed {
+                        // QEMU's words for a ctrl socket nobody listens on (the chardev's error).
+                        throw MachineError(.backend, "Failed to connect to '\(path)': \(Posix.errnoText(e))",
+                                           option: "-chardev socket,path=\(path)")
+                    }
                     throw MachineError(.backend, "tpm-emulator: \(error)", option: "-tpmdev emulator")
                 }
             case .libtpms(let dir, let version):

@@ -1,0 +1,189 @@
+import Foundation
+import QEMUHarness
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension MachineSuite {
+    /// Migrations between tis-sim machines and QEMU 7.2, as in QEMU's TPM migration documentation
+    /// (save to a file and restore, network migration, several in a row, fall back to the source).
+    @Suite("Migration")
+    struct MigrationTests {
+        /// `migrate-incoming tcp:127.0.0.1:0` on a `-incoming defer` destination; the port it got.
+        func listenTCP(_ vm: VM) throws -> Int {
+            try vm.qmp.execute("migrate-incoming", arguments: ["uri": .string("tcp:127.0.0.1:0")])
+            let info = try vm.qmp.execute("query-migrate")
+            let port = info["socket-address"]?.arrayValue?.first?["port"]?.stringValue
+            return try #require(port.flatMap(Int.init), "no socket-address in \(info.jsonText)")
+        }
+
+        /// Source prepared, migrated over `transport`, destination checked register for register
+        /// and for PCR 16; the source is `postmigrate` and resumes with `cont`.
+        func migrate(from srcKind: VMKind, to dstKind: VMKind, transport: String) throws {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            let source = try VM(srcKind, work: work)
+            defer { source.close() }
+            try prepareSource(source.bus)
+            let before = try snapshot(source.bus)
+            let dest: VM
+            switch transport {
+            case "file":
+                let stream = work.file("vm.bin")
+                try source.qmp.migrate(uri: "exec:cat > \(stream)")
+                try source.qmp.waitForMigration(timeout: 10)
+                dest = try VM(dstKind, work: work, incoming: "exec:cat < \(stream)")
+            case "tcp":
+                dest = try VM(dstKind, work: work, incoming: "defer")
+                let port = try listenTCP(dest)
+                try source.qmp.migrate(uri: "tcp:127.0.0.1:\(port)")
+                try source.qmp.waitForMigration(timeout: 10)
+            default:
+                Issue.record("unknown transport \(transport)")
+                return
+            }
+            defer { dest.close() }
+            try dest.waitIncoming()
+            #expect(try source.qmp.queryStatus() == "postmigrate")
+            // The source still answers its registers.
+            #expect(try snapshot(source.bus) == before)
+            #expect(try snapshot(dest.bus) == before, "\(srcKind) → \(dstKind) by \(transport): registers differ")
+            try checkPCR16AfterMigration(dest.bus)
+            // The source's TPM kept running: cont, and it answers the same PCR.
+            try source.qmp.cont()
+            #expect(try source.qmp.queryStatus() == "running")
+            _ = try (0..<31).map { _ in try source.bus.readb(TIS.reg(0, TIS.dataFIFO)) }
+            #expect(try readPCR16(source.bus) == pcr16AfterProbe)
+        }
+
+        @Test("tis-sim → tis-sim by file (exec:cat), swtpm")
+        func fileSwtpm() throws { try migrate(from: .tisSimSwtpm, to: .tisSimSwtpm, transport: "file") }
+
+        @Test("tis-sim → tis-sim by live tcp, swtpm")
+        func tcpSwtpm() throws { try migrate(from: .tisSimSwtpm, to: .tisSimSwtpm, transport: "tcp") }
+
+        @Test("tis-sim → tis-sim by file, libtpms")
+        func fileLibtpms() throws { try migrate(from: .tisSimLibtpms, to: .tisSimLibtpms, transport: "file") }
+
+        @Test("tis-sim (libtpms) → tis-sim (swtpm) by live tcp")
+        func libtpmsToSwtpm() throws { try migrate(from: .tisSimLibtpms, to: .tisSimSwtpm, transport: "tcp") }
+
+        @Test("tis-sim → QEMU 7.2 by file")
+        func toQEMU() throws { try migrate(from: .tisSimSwtpm, to: .qemu, transport: "file") }
+
+        @Test("tis-sim (libtpms) → QEMU 7.2 by live tcp")
+        func libtpmsToQEMU() throws { try migrate(from: .tisSimLibtpms, to: .qemu, transport: "tcp") }
+
+        @Test("QEMU 7.2 → tis-sim by live tcp (the whole stream: RAM and every device)")
+        func fromQEMUtcp() throws { try migrate(from: .qemu, to: .tisSimSwtpm, transport: "tcp") }
+
+        @Test("QEMU 7.2 → tis-sim (libtpms) by file")
+        func fromQEMUFile() throws { try migrate(from: .qemu, to: .tisSimLibtpms, transport: "file") }
+
+        @Test("tis-sim → tis-sim → tis-sim, then file: and unix: transports")
+        func chain() throws {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            let a = try VM(.tisSimSwtpm, work: work)
+            defer { a.close() }
+            try prepareSource(a.bus)
+            let before = try snapshot(a.bus)
+            // a → b over a UNIX socket.
+            let b = try VM(.tisSimSwtpm, work: work, incoming: "defer")
+            defer { b.close() }
+            let sock = work.file("b.mig.sock")
+            try b.qmp.execute("migrate-incoming", arguments: ["uri": .string("unix:\(sock)")])
+            try a.qmp.migrate(uri: "unix:\(sock)")
+            try a.qmp.waitForMigration()
+            try b.waitIncoming()
+            #expect(try snapshot(b.bus) == before)
+            // b → c through a file: URI.
+            let stream = work.file("b.bin")
+            try b.qmp.migrate(uri: "file:\(stream)")
+            try b.qmp.waitForMigration()
+            let c = try VM(.tisSimLibtpms, work: work, incoming: "file:\(stream)")
+            defer { c.close() }
+            try c.waitIncoming()
+            #expect(try snapshot(c.bus) == before)
+            try checkPCR16AfterMigration(c.bus)
+            // and c migrates again, after running.
+            let stream2 = work.file("c.bin")
+            try c.qmp.migrate(uri: "exec:cat > \(stream2)")
+            try c.qmp.waitForMigration()
+            let d = try VM(.tisSimSwtpm, work: work, incoming: "exec:cat < \(stream2)")
+            defer { d.close() }
+            try d.waitIncoming()
+            #expect(try readPCR16(d.bus) == pcr16AfterProbe)
+        }
+
+        @Test("a destination that goes away mid-stream: the source runs on, cont, same PCR 16")
+        func destinationGoesAway() throws {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            let source = try VM(.tisSimSwtpm, work: work)
+            defer { source.close() }
+            try prepareSource(source.bus)
+            let before = try snapshot(source.bus)
+
+            // A destination that reads the first 512 bytes and dies (unread data: RST).
+            let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            try withUnsafeMutablePointer(to: &addr) { p in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                    try #require(bind(listener, sa, len) == 0 && listen(listener, 1) == 0)
+                    try #require(getsockname(listener, sa, &len) == 0)
+                }
+            }
+            defer { close(listener) }
+            let port = UInt16(bigEndian: addr.sin_port)
+            let done = DispatchSemaphore(value: 0)
+            Thread.detachNewThread {
+                let fd = accept(listener, nil, nil)
+                var buf = [UInt8](repeating: 0, count: 512)
+                var got = 0
+                while got < 512 {
+                    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, 512 - got) }
+                    if n <= 0 { break }
+                    got += n
+                }
+                close(fd)
+                done.signal()
+            }
+            // Slow enough (2 KB per 100 ms) that most of the stream is still to be written.
+            try source.qmp.setMaxBandwidth(20_000)
+            try source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": .array([
+                .object(["capability": .string("events"), "state": .bool(true)])])])
+            try source.qmp.migrate(uri: "tcp:127.0.0.1:\(port)")
+            #expect(done.wait(timeout: .now() + 10) == .success)
+            do {
+                try source.qmp.waitForMigration(timeout: 10)
+                Issue.record("the migration completed although its destination went away")
+            } catch {
+                #expect(error.code == .migrationFailed)
+            }
+            let info = try source.qmp.queryMigrate()
+            #expect(info.status == "failed")
+            #expect(info.errorDescription?.contains("Unable to write to socket") == true, "\(info.raw.jsonText)")
+            // QEMU restarts a source whose migration failed (RESUME); cont is then a no-op.
+            #expect(try source.qmp.waitForEvent("RESUME", timeout: 3) != nil)
+            try source.qmp.cont()
+            #expect(try source.qmp.queryStatus() == "running")
+            #expect(try snapshot(source.bus) == before)
+            _ = try (0..<31).map { _ in try source.bus.readb(TIS.reg(0, TIS.dataFIFO)) }
+            #expect(try readPCR16(source.bus) == pcr16AfterProbe)
+            // And it can migrate again, this time completely.
+            try source.qmp.setMaxBandwidth(32 << 20)
+            let stream = work.file("retry.bin")
+            try source.qmp.migrate(uri: "exec:cat > \(stream)")
+            try source.qmp.waitForMigration()
+            let dest = try VM(.tisSimSwtpm, work: work, incoming: "exec:cat < \(stream)")
+            defer { dest.close() }
+            try dest.waitIncoming()
+            #expect(try readPCR16(dest.bus) == pcr16AfterProbe)
+        }
+    }
+}
