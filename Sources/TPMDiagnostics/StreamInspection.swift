@@ -74,6 +74,9 @@ public struct StreamInspection: Sendable {
     /// Sections whose decoded tree was dropped (kept as header and place only).
     public var droppedDecodedSections = 0
     private var decodedBytes = 0
+    /// Bodies of sections skipped to their footer (no vmdesc yet: a pipe), by index in
+    /// `sections`, decoded once the trailer brings the vmdesc.
+    private var pendingBodies: [Int: [UInt8]] = [:]
 
     /// At most this many device sections and commands are kept.
     public static let maximumKeptRecords = 1 << 16
@@ -148,7 +151,22 @@ public struct StreamInspection: Sendable {
         out.streamLength = walker.streamEndOffset
         if out.vmDescription == nil { out.vmDescription = walker.vmDescription }
         out.configuration = walker.configuration
+        out.decodePending()
         return out
+    }
+
+    /// analyze-migration.py reads the vmdesc before the sections; through a pipe it only comes
+    /// at the end, so the bodies kept on the way are decoded now.
+    private mutating func decodePending() {
+        defer { pendingBodies = [:] }
+        guard let vmdesc = vmDescription else { return }
+        for (i, body) in pendingBodies.sorted(by: { $0.key < $1.key }) where i < sections.count {
+            let sec = sections[i]
+            guard let d = vmdesc.device(idstr: sec.idstr, instanceID: sec.instanceID)?.description else { continue }
+            if let o = try? d.decode(body, version: sec.versionID, baseOffset: sec.bodyOffset, section: sec.idstr) {
+                sections[i].decoded = (d, o)
+            }
+        }
     }
 
     private mutating func record(_ e: MigrationStreamEvent, walker: MigrationStreamWalker) {
@@ -193,8 +211,12 @@ public struct StreamInspection: Sendable {
                     ?? walker.vmDescription?.device(idstr: s.idstr, instanceID: s.instanceID)?.description {
                     sec.decoded = (d, o)
                 }
-            case .skipped:
-                break
+            case .skipped(let retained):
+                if let retained, sections.count < Self.maximumKeptRecords,
+                   decodedBytes + retained.count <= Self.maximumDecodedBytes {
+                    decodedBytes += retained.count
+                    pendingBodies[sections.count] = retained
+                }
             }
             if sec.decoded != nil && !sec.idstr.hasPrefix("tpm-") {
                 if decodedBytes + sec.bodyLength > Self.maximumDecodedBytes {
