@@ -270,3 +270,18 @@ extension ValidateTests {
         #expect(r.blobs[0].innerTLVs?.map(\.tag) == [2, 3, 6])
     }
 }
+
+extension ValidateTests {
+    @Test("no tpm-emulator section: NO-TPM-STATE (an error with a TPM device, a warning without)", arguments: [true, false])
+    func noTPMState(_ withDevice: Bool) async throws {
+        var state = try TPMMigrationState(source: .path(RealStreams.path(StreamSpec())))
+        state.emulatorBlobs = nil
+        state.ppi = nil
+        if !withDevice { state.tis = nil }
+        let (s, r) = try await troubleshoot(.bytes(try state.encodedStream()), name: "no-tpm")
+        #expect(s.error == nil && s.sawEOF)
+        #expect(codes(r) == [.noTPMState], "\(r.findings)")
+        #expect(r.findings.first?.severity == (withDevice ? .error : .warning))
+        #expect(r.exitStatus == 1)
+    }
+}
