@@ -82,6 +82,8 @@ final class TPMEngine: @unchecked Sendable {
     private var locality: UInt8 = 0
     /// False after CMD_STOP / CMD_SHUTDOWN / POWER_OFF or a failed INIT.
     private(set) var running = true
+    /// Blobs received with CMD_SET_STATEBLOB while stopped; the next INIT resumes from them.
+    private var pendingBlobs = TPMStateBlobs()
 
     init(device: TISDevice, stats: StatisticsBox, driverTimeout: Double) {
         self.device = device
@@ -96,7 +98,7 @@ final class TPMEngine: @unchecked Sendable {
     /// What GET_CAPABILITY reports: what `ctrl(_:)` implements.
     var capabilities: SwtpmCtrl.Capabilities {
         var c: SwtpmCtrl.Capabilities = [.initialize, .shutdown, .getTPMEstablished, .setLocality, .cancelTPMCommand,
-                                         .stop, .getConfig, .setBufferSize, .getInfo, .getStateBlob]
+                                         .stop, .getConfig, .setBufferSize, .getInfo, .getStateBlob, .setStateBlob]
         if backend is LibtpmsBackend || backend is SwtpmBackend { c.insert(.storeVolatile) }
         if version == .tpm20 { c.formUnion([.resetTPMEstablished, .sendCommandHeader]) }
         return c
@@ -282,16 +284,34 @@ final class TPMEngine: @unchecked Sendable {
             } catch {
                 return result(Self.rc(error))
             }
-        case .hashStart, .hashData, .hashEnd, .setStateBlob, .setDataFD, .lockStorage, .unknown:
+        case .setStateBlob(let r):
+            // As swtpm: only while stopped; the next INIT resumes from the blobs (QEMU's
+            // incoming migration: STOP, SET permanent / volatile / savestate, INIT).
+            guard !running else { return result(SwtpmCtrl.Result.badOrdinal) }
+            pendingBlobs[r.type] = TPMStateBlob(flags: r.flags.rawValue, data: r.data)
+            return result(0)
+        case .hashStart, .hashData, .hashEnd, .setDataFD, .lockStorage, .unknown:
             return result(SwtpmCtrl.Result.badOrdinal)
         }
     }
 
     /// CMD_INIT: QEMU's machine reset of the TIS (`tpm_tis_reset`), which starts the backend
     /// (swtpm: STOP, SET_BUFFERSIZE, INIT; libtpms: TPMLIB_MainInit from the state directory).
+    ///
+    /// After CMD_SET_STATEBLOB the TIS is reset without starting the TPM, and the TPM resumes
+    /// from the blobs instead (`TISDevice.restore(_:blobs:)`: QEMU's `tpm_emulator_post_load`).
+    /// A refused blob set leaves the TPM stopped and answers TPM_FAIL; the blobs are dropped
+    /// either way, as libtpms drops its cached blobs.
     func initialize() -> UInt32 {
+        let blobs = pendingBlobs
+        pendingBlobs = TPMStateBlobs()
         do {
-            try device.reset()
+            if blobs == TPMStateBlobs() {
+                try device.reset()
+            } else {
+                try device.reset(incoming: true)
+                try device.restore(device.currentState, blobs: blobs)
+            }
             running = true
             return 0
         } catch {

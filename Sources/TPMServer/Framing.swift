@@ -61,13 +61,15 @@ struct Framer: Sendable {
     var maxCommandSize: Int
     /// The data channel accepts the mssim prefix (TPM 2 only, as swtpm).
     var acceptsMssimPrefix: Bool
-    /// The largest ctrl request taken (SET_STATEBLOB is not served, so a few KiB).
+    /// The largest ctrl request taken, except SET_STATEBLOB.
     var maxCtrlRequest: Int = 8 * 1024
+    /// The largest SET_STATEBLOB request: header + `SwtpmBlob.maximumSize`.
+    var maxStateBlobRequest: Int = SwtpmCtrl.serverRequestLimit
 
     /// The most bytes a connection of this kind ever buffers for one request.
     var inputLimit: Int {
         switch proto {
-        case .ctrl: maxCtrlRequest
+        case .ctrl: max(maxCtrlRequest, maxStateBlobRequest)
         default: maxCommandSize + 9
         }
     }
@@ -140,7 +142,8 @@ struct Framer: Sendable {
     /// with the request are taken with it.
     func frameCtrl(_ b: [UInt8]) -> FrameResult {
         guard let need = SwtpmCtrl.requestLength(b) else { return .needMore }
-        guard need <= maxCtrlRequest else { return .refuse(.ctrlTooLarge(need)) }
+        let isStateBlob = Self.be32(b, 0) == SwtpmCtrl.CommandCode.setStateBlob.rawValue
+        guard need <= (isStateBlob ? maxStateBlobRequest : maxCtrlRequest) else { return .refuse(.ctrlTooLarge(need)) }
         guard b.count >= need else { return .needMore }
         return .complete(.ctrl(b), consumed: b.count)
     }

@@ -89,6 +89,11 @@ struct Serve: ParsableCommand {
         case .swtpm:
             var o = SwtpmProcess.Options(stateDirectory: dir)
             o.version = version
+            // A UnixIO path holds at most 107 bytes: a deep state directory gets its ctrl
+            // socket under /tmp instead.
+            if (dir + "/ctrl.sock").utf8.count > 100 {
+                o.ctrlSocketPath = "/tmp/tis-sim-serve-\(getpid()).ctrl"
+            }
             let p = try SwtpmProcess.launch(o)
             process = p
             tpm = try SwtpmBackend(process: p, dataTimeout: 10, ctrlTimeout: 10)

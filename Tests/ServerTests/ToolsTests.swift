@@ -199,4 +199,39 @@ func toolWorkflow(_ tcti: String, dir: String, digest: [UInt8], nvData: [UInt8])
         }
         #expect(server.stop() == 0)
     }
+
+    /// A TPM moves between servers with swtpm_ioctl as QEMU moves it: `--save` permanent and
+    /// volatile from a libtpms-backed server, then `--stop`, `--load` both and `-i` on a
+    /// swtpm-backed one; PCR 16 and an NV index arrive, and the TPM is already started.
+    @Test func stateBlobsMoveBetweenBackends() throws {
+        let work = try TempDir("blobs")
+        let source = try ServeProcess(backend: "libtpms", stateDir: work.path + "/a")
+        try tpm2("startup", source.tcti, ["-c"], cwd: work.path)
+        try tpm2("pcrextend", source.tcti, ["16:sha256=" + Self.digest.hex], cwd: work.path)
+        try Data(Self.nvData).write(to: URL(fileURLWithPath: work.path + "/nv.dat"))
+        try tpm2("nvdefine", source.tcti, ["0x1500018", "-C", "o", "-s", "32", "-a", "ownerread|ownerwrite"], cwd: work.path)
+        try tpm2("nvwrite", source.tcti, ["0x1500018", "-C", "o", "-i", "nv.dat"], cwd: work.path)
+        let a = "127.0.0.1:\(source.ctrlPort)"
+        for (type, file) in [("permanent", "perm"), ("volatile", "vol")] {
+            let r = try runTool(["swtpm_ioctl", "--tcp", a, "--save", type, work.path + "/" + file])
+            #expect(r.status == 0, "\(r)")
+        }
+        #expect(source.stop() == 0)
+
+        let target = try ServeProcess(backend: "swtpm", stateDir: work.path + "/b")
+        let b = "127.0.0.1:\(target.ctrlPort)"
+        let loadWhileRunning = try runTool(["swtpm_ioctl", "--tcp", b, "--load", "permanent", work.path + "/perm"])
+        #expect(loadWhileRunning.status != 0, "SET_STATEBLOB needs a stopped TPM: \(loadWhileRunning)")
+        for args in [["--stop"], ["--load", "permanent", work.path + "/perm"], ["--load", "volatile", work.path + "/vol"], ["-i"]] {
+            let r = try runTool(["swtpm_ioctl", "--tcp", b] + args)
+            #expect(r.status == 0, "swtpm_ioctl \(args): \(r)")
+        }
+        let startup = try RawClient.command(port: target.dataPort, TPM2.startup())
+        #expect(TPM2.responseCode(startup) == 0x100, "the TPM resumed, already started")
+        let pcr = try tpm2("pcrread", target.tcti, ["sha256:16"], cwd: work.path).stdout
+        #expect(pcr.uppercased().contains(Crypto.pcrExtendSHA256([Self.digest]).hex.uppercased()), "\(pcr)")
+        try tpm2("nvread", target.tcti, ["0x1500018", "-C", "o", "-s", "32", "-o", "out.dat"], cwd: work.path)
+        #expect([UInt8](FileManager.default.contents(atPath: work.path + "/out.dat") ?? Data()) == Self.nvData)
+        #expect(target.stop() == 0)
+    }
 }
