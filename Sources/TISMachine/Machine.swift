@@ -315,5 +315,5 @@ final class QTestConnection: @unchecked Sendable {
 
 extension Machine {
     /// The run state without taking `lock` (the caller holds it).
-    var unsafeRunState: RunState { _runState }
+    var runStateLocked: RunState { _runState }
 }

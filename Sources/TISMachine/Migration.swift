@@ -58,7 +58,7 @@ extension Machine {
     func stop() {
         lock.lock()
         defer { lock.unlock() }
-        switch runState_unlocked {
+        switch runStateLocked {
         case .inmigrate: autostart = false
         case .running: setRunStateLocked(.paused)
         default: break
@@ -69,16 +69,11 @@ extension Machine {
     func cont() {
         lock.lock()
         defer { lock.unlock() }
-        switch runState_unlocked {
+        switch runStateLocked {
         case .inmigrate: autostart = true
         case .running, .finishMigrate, .shutdown: break
         default: setRunStateLocked(.running)
         }
-    }
-
-    var runState_unlocked: RunState {
-        // `lock` is held by the caller; read through the public accessor's storage.
-        unsafeRunState
     }
 
     // MARK: capabilities and parameters
@@ -193,7 +188,7 @@ extension Machine {
         lock.lock()
         defer { lock.unlock() }
         if outgoing.isActive { throw QMPCommands.Failure("There's a migration process in progress") }
-        switch runState_unlocked {
+        switch runStateLocked {
         case .inmigrate: throw QMPCommands.Failure("Guest is waiting for an incoming migration")
         case .postmigrate: throw QMPCommands.Failure("Can't migrate the vm that was paused due to previous migration")
         default: break
@@ -250,7 +245,7 @@ extension Machine {
         passEventLocked(1)
         outgoing.status = .active
         migrationEventLocked(.active)
-        let wasRunning = runState_unlocked == .running
+        let wasRunning = runStateLocked == .running
         let downtimeStart = Date()
         setRunStateLocked(.finishMigrate)
         passEventLocked(2)

@@ -51,3 +51,4 @@ extension MachineSuite {
         }
     }
 }
+

@@ -147,6 +147,25 @@ func registerLevelScript(_ bus: QTestBus) throws -> [String] {
     try s.command(TPM2.pcrExtendSHA256(pcr: 16, digest: probeDigest), locality: 0)
     let rsp = try s.command(TPM2.pcrReadSHA256(pcr: 16), locality: 0)
     s.transcript.append("PCR16 matches sha256(0^32 ‖ digest): \(Array(rsp.suffix(32)) == pcr16AfterProbe)")
+    // Interrupts: intercept the IOAPIC, enable dataAvail (global enable), run a command; the
+    // IRQ line (GSI 5) rises, and falls when INT_STATUS is acknowledged.
+    try bus.interceptIRQs(qomPath: "ioapic")
+    try bus.writel(TIS.reg(0, TIS.intEnable), 0x8000_0001)
+    try s.readl(0, TIS.intEnable, "INT_ENABLE enabled")
+    try s.command(TPM2.pcrReadSHA256(pcr: 16), locality: 0)
+    s.transcript.append("IRQ 5 raised: \(try bus.waitForIRQ(5, level: true, timeout: 5))")
+    try s.readl(0, TIS.intStatus, "INT_STATUS after completion")
+    // Acknowledging dataAvail leaves stsValid pending: the line stays up (QEMU lowers it only
+    // when every INT_STATUS bit is clear; the IRQ line is written before the OK).
+    try bus.writel(TIS.reg(0, TIS.intStatus), 0x1)
+    s.transcript.append("IRQ 5 level after acknowledging dataAvail: \(try bus.irqLevel(5))")
+    try s.readl(0, TIS.intStatus, "INT_STATUS after acknowledging dataAvail")
+    try bus.writel(TIS.reg(0, TIS.intStatus), 0x2)
+    s.transcript.append("IRQ 5 lowered: \(try bus.waitForIRQ(5, level: false, timeout: 5))")
+    try s.readl(0, TIS.intStatus, "INT_STATUS after acknowledging all")
+    // Only the TPM's line: QEMU's PIT also toggles GSI 0, which tis-sim does not model.
+    s.transcript.append("IRQ 5 lines: \(bus.irqEvents.filter { $0.line == 5 }.map(\.description))")
+    try bus.writel(TIS.reg(0, TIS.intEnable), 0x0000_0008)
     s.note("readw 0xfed40019 (unaligned)", UInt64(try bus.readw(TIS.reg(0, TIS.sts) + 1)))
     s.note("readq 0xfed40000", try bus.readq(TIS.reg(0, TIS.access)))
     s.note("readl unassigned 0x1000", UInt64(try bus.readl(0x1000)))
