@@ -397,7 +397,11 @@ public final class TPMServer: @unchecked Sendable {
                 while Glibc.read(wakeRead, &sink, sink.count) > 0 {}
             }
             for d in done.withLock({ q -> [Done] in defer { q.removeAll() }; return q }) {
-                guard let c = connections[d.connection] else { continue }
+                guard let c = connections[d.connection] else {
+                    // The client that asked for CMD_SHUTDOWN is gone; the TPM is stopped anyway.
+                    if d.reply.stopServer { stop() }
+                    continue
+                }
                 if d.reply.stopServer {
                     c.stopAfterWrite = true
                     pending = true
