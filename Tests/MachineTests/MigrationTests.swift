@@ -20,10 +20,11 @@ extension MachineSuite {
 
         /// Source prepared, migrated over `transport`, destination checked register for register
         /// and for PCR 16; the source is `postmigrate` and resumes with `cont`.
-        func migrate(from srcKind: VMKind, to dstKind: VMKind, transport: String) throws {
+        func migrate(from srcKind: VMKind, to dstKind: VMKind, transport: String,
+                     machine: QEMUMachineType = .pc) throws {
             let work = try QEMUMachine.makeWorkDirectory()
             defer { work.remove() }
-            let source = try VM(srcKind, work: work)
+            let source = try VM(srcKind, work: work, machine: machine)
             defer { source.close() }
             try prepareSource(source.bus)
             let before = try snapshot(source.bus)
@@ -33,9 +34,9 @@ extension MachineSuite {
                 let stream = work.file("vm.bin")
                 try source.qmp.migrate(uri: "exec:cat > \(stream)")
                 try source.qmp.waitForMigration(timeout: 10)
-                dest = try VM(dstKind, work: work, incoming: "exec:cat < \(stream)")
+                dest = try VM(dstKind, work: work, incoming: "exec:cat < \(stream)", machine: machine)
             case "tcp":
-                dest = try VM(dstKind, work: work, incoming: "defer")
+                dest = try VM(dstKind, work: work, incoming: "defer", machine: machine)
                 let port = try listenTCP(dest)
                 try source.qmp.migrate(uri: "tcp:127.0.0.1:\(port)")
                 try source.qmp.waitForMigration(timeout: 10)
@@ -80,6 +81,12 @@ extension MachineSuite {
 
         @Test("QEMU 7.2 → tis-sim (libtpms) by file")
         func fromQEMUFile() throws { try migrate(from: .qemu, to: .tisSimLibtpms, transport: "file") }
+
+        @Test("q35: tis-sim → QEMU 7.2 by file, QEMU 7.2 → tis-sim (libtpms) by tcp")
+        func q35() throws {
+            try migrate(from: .tisSimSwtpm, to: .qemu, transport: "file", machine: .q35)
+            try migrate(from: .qemu, to: .tisSimLibtpms, transport: "tcp", machine: .q35)
+        }
 
         @Test("tis-sim → tis-sim → tis-sim, then file: and unix: transports")
         func chain() throws {

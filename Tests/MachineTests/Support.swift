@@ -206,20 +206,22 @@ final class VM {
     private static let counter = Counter()
 
     /// `incoming`: `-incoming URI` (one argv element).
-    init(_ kind: VMKind, work: WorkDirectory, incoming: String? = nil) throws {
+    init(_ kind: VMKind, work: WorkDirectory, incoming: String? = nil, machine type: QEMUMachineType = .pc) throws {
         self.kind = kind
         switch kind {
         case .qemu:
-            machine = try QEMUMachine.start(incoming: incoming, workDirectory: work, swtpmLogLevel: nil)
-            process = machine!.qemu
+            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work, swtpmLogLevel: nil)
+            machine = m
+            process = m.qemu
         case .tisSimSwtpm:
-            machine = try QEMUMachine.start(incoming: incoming, workDirectory: work, swtpmLogLevel: nil,
-                                            executable: try tisSimMachineExecutable(in: work))
-            process = machine!.qemu
+            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work, swtpmLogLevel: nil,
+                                          executable: try tisSimMachineExecutable(in: work))
+            machine = m
+            process = m.qemu
         case .tisSimLibtpms:
             let n = Self.counter.next()
             let state = try work.subdirectory("libtpms\(n)")
-            var o = QEMUOptions(device: nil, incoming: incoming,
+            var o = QEMUOptions(machine: type, device: nil, incoming: incoming,
                                 extraArguments: ["-tpmdev", "libtpms,id=tpm0,state=\(state)", "-device", "tpm-tis,tpmdev=tpm0"])
             o.name = "lt\(n)"
             o.executable = try tisSimMachineExecutable(in: work)
