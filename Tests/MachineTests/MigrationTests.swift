@@ -82,6 +82,43 @@ extension MachineSuite {
         @Test("QEMU 7.2 → tis-sim (libtpms) by file")
         func fromQEMUFile() throws { try migrate(from: .qemu, to: .tisSimLibtpms, transport: "file") }
 
+        /// The ctrl commands a source and a destination send to swtpm over their lifetime.
+        func ctrlSequences(_ kind: VMKind) throws -> (source: [UInt32], destination: [UInt32]) {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            // A driver reads ACCESS first. QEMU asks swtpm for the established flag on the first
+            // ACCESS read (then caches it); TISDevice asks right after INIT / the restore, off the
+            // MMIO path. With ACCESS read before the first command both orders are the same.
+            let source = try VM(kind, work: work, swtpmLog: true)
+            _ = try source.bus.readb(TIS.reg(0, TIS.access))
+            try prepareSource(source.bus)
+            let stream = work.file("vm.bin")
+            try source.qmp.migrate(uri: "exec:cat > \(stream)")
+            try source.qmp.waitForMigration()
+            source.close()
+            let dest = try VM(kind, work: work, incoming: "exec:cat < \(stream)", swtpmLog: true)
+            try dest.waitIncoming()
+            _ = try dest.bus.readb(TIS.reg(0, TIS.access))
+            try checkPCR16AfterMigration(dest.bus)
+            dest.close()
+            return (try source.swtpmCtrlCommands(), try dest.swtpmCtrlCommands())
+        }
+
+        @Test("swtpm sees the same ctrl commands from tis-sim as from QEMU 7.2 (start, commands, save, load, quit)")
+        func sameCtrlSequences() throws {
+            let qemu = try ctrlSequences(.qemu)
+            let tisSim = try ctrlSequences(.tisSimSwtpm)
+            // Source: probe, SET_DATAFD, GET_CAPABILITY, STOP, SET_BUFFERSIZE, STOP, SET_BUFFERSIZE,
+            // INIT, GET_TPMESTABLISHED, SET_LOCALITY, GET_STATEBLOB ×3, SHUTDOWN; destination: the
+            // same start without INIT, STOP, SET_STATEBLOB ×2, INIT(1), GET_TPMESTABLISHED,
+            // SET_LOCALITY, SHUTDOWN (runs-on-this-machine.md §1).
+            #expect(qemu.source == [0x01, 0x10, 0x01, 0x0E, 0x11, 0x0E, 0x11, 0x02, 0x04, 0x05, 0x0C, 0x0C, 0x0C, 0x03])
+            #expect(qemu.destination == [0x01, 0x10, 0x01, 0x0E, 0x11, 0x0E, 0x11, 0x0E, 0x0D, 0x0D, 0x02, 0x04, 0x05, 0x03])
+            #expect(qemu.source.contains(0x0C) && qemu.destination.contains(0x0D))
+            #expect(tisSim.source == qemu.source, "source: QEMU \(qemu.source) tis-sim \(tisSim.source)")
+            #expect(tisSim.destination == qemu.destination, "destination: QEMU \(qemu.destination) tis-sim \(tisSim.destination)")
+        }
+
         @Test("q35: tis-sim → QEMU 7.2 by file, QEMU 7.2 → tis-sim (libtpms) by tcp")
         func q35() throws {
             try migrate(from: .tisSimSwtpm, to: .qemu, transport: "file", machine: .q35)

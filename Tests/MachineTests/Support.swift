@@ -206,16 +206,19 @@ final class VM {
     private static let counter = Counter()
 
     /// `incoming`: `-incoming URI` (one argv element).
-    init(_ kind: VMKind, work: WorkDirectory, incoming: String? = nil, machine type: QEMUMachineType = .pc) throws {
+    /// `swtpmLog`: swtpm logs at level 20 into `swtpmLogPath` (every ctrl command).
+    init(_ kind: VMKind, work: WorkDirectory, incoming: String? = nil, machine type: QEMUMachineType = .pc,
+         swtpmLog: Bool = false) throws {
         self.kind = kind
         switch kind {
         case .qemu:
-            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work, swtpmLogLevel: nil)
+            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work,
+                                          swtpmLogLevel: swtpmLog ? 20 : nil)
             machine = m
             process = m.qemu
         case .tisSimSwtpm:
-            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work, swtpmLogLevel: nil,
-                                          executable: try tisSimMachineExecutable(in: work))
+            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work,
+                                          swtpmLogLevel: swtpmLog ? 20 : nil, executable: try tisSimMachineExecutable(in: work))
             machine = m
             process = m.qemu
         case .tisSimLibtpms:
@@ -233,6 +236,22 @@ final class VM {
 
     func close() {
         if let machine { machine.close() } else { process.close() }
+    }
+
+    /// swtpm's log (with `swtpmLog`).
+    var swtpmLogPath: String? { machine?.file("swtpm.log") }
+
+    /// The ctrl command codes swtpm logged, in order (`Ctrl Cmd:` then the request bytes).
+    func swtpmCtrlCommands() throws -> [UInt32] {
+        let path = try #require(swtpmLogPath)
+        let text = String(decoding: try #require(FileManager.default.contents(atPath: path)), as: UTF8.self)
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        var codes: [UInt32] = []
+        for (i, l) in lines.enumerated() where l.contains("Ctrl Cmd:") && i + 1 < lines.count {
+            let hex = lines[i + 1].split(separator: " ").prefix(4).joined()
+            if let v = UInt32(hex, radix: 16) { codes.append(v) }
+        }
+        return codes
     }
 
     func kill() {
