@@ -10,6 +10,8 @@ let package = Package(
         .library(name: "TISDriver", targets: ["TISDriver"]),
         .library(name: "VMState", targets: ["VMState"]),
         .library(name: "TPMDiagnostics", targets: ["TPMDiagnostics"]),
+        // Fuzz targets (op-script TIS, migration stream, swtpm replies) for Fuzz/ and the tests.
+        .library(name: "Fuzzing", targets: ["Fuzzing"]),
         .executable(name: "tis-sim", targets: ["tis-sim"]),
     ],
     dependencies: [
@@ -46,6 +48,8 @@ let package = Package(
         // `tis-sim machine`: a register-level test VMM driven over QEMU's qtest and QMP, migrating
         // to and from QEMU 7.2.
         .target(name: "TISMachine", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "VMState", "WireFormat"]),
+        // Hostile-input fuzz targets: decoders from any byte string to ops, invariants after each.
+        .target(name: "Fuzzing", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "VMState", "WireFormat"]),
         .executableTarget(name: "tis-sim", dependencies: [
             "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState", "TPMServer", "TPMDiagnostics", "TISMachine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -61,6 +65,9 @@ let package = Package(
         .testTarget(name: "ServerTests", dependencies: ["TPMServer", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "TISConformance"]),
         .testTarget(name: "DiagnosticsTests", dependencies: ["TPMDiagnostics", "VMState", "EmulatorBackend", "WireFormat", "QEMUHarness", "TISConformance", "TIS"]),
         .testTarget(name: "MachineTests", dependencies: ["TISMachine", "QEMUHarness", "TISConformance", "TIS", "TISDriver", "EmulatorBackend", "VMState", "WireFormat"]),
+        .testTarget(name: "FuzzTests", dependencies: ["Fuzzing", "TIS", "TISDriver", "EmulatorBackend", "VMState",
+                                                      "TISConformance", "QEMUHarness", "WireFormat"],
+                    exclude: ["Corpus"]),
         .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )
