@@ -68,6 +68,8 @@ let package = Package(
         .testTarget(name: "FuzzTests", dependencies: ["Fuzzing", "TIS", "TISDriver", "EmulatorBackend", "VMState",
                                                       "TISConformance", "QEMUHarness", "WireFormat"],
                     exclude: ["Corpus"]),
+        .testTarget(name: "HardeningTests", dependencies: ["TIS", "TISDriver", "EmulatorBackend", "VMState",
+                                                           "TISConformance", "QEMUHarness", "WireFormat"]),
         .testTarget(name: "QEMUTests", dependencies: ["TISConformance", "QEMUHarness", "TIS", "TISDriver", "EmulatorBackend", "WireFormat", "VMState"]),
     ]
 )

@@ -349,7 +349,7 @@ public final class TISOpScript {
         settle()
         let mode = input.u8()
         let withBlobs = mode & 1 != 0
-        let throughStream = mode & 2 != 0
+        let throughStream = mode & 0x0E == 0x02     // one in eight: the vmdesc JSON is costly
         let refuse = withBlobs && mode & 0x1C == 0x1C
         var saved: TISState
         var blobs = TPMStateBlobs()

@@ -1,4 +1,5 @@
 import EmulatorBackend
+import Foundation
 import Fuzzing
 import TIS
 import TISConformance
@@ -82,5 +83,16 @@ struct StreamFuzzTests {
         for (name, bytes) in try Paths.corpusFiles("stream") {
             do { try StreamFuzz.run(bytes) } catch { Issue.record("\(name): \(error)") }
         }
+    }
+}
+
+/// `FUZZ_SEED_DIR=DIR swift test --filter writeStreamSeeds` writes the TPM-only seed streams
+/// (derived from the real fixtures) into DIR for a libFuzzer corpus; without it, checks they build.
+@Test func writeStreamSeeds() throws {
+    let seeds = try StreamFuzzTests.tpmOnlySeeds()
+    #expect(seeds.count == 8)
+    guard let dir = ProcessInfo.processInfo.environment["FUZZ_SEED_DIR"] else { return }
+    for (i, s) in seeds.enumerated() {
+        try Data(s).write(to: URL(fileURLWithPath: dir + "/tpm-only-\(i).bin"))
     }
 }

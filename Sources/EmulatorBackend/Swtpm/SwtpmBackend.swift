@@ -339,6 +339,10 @@ public final class SwtpmBackend: TPMBackend, @unchecked Sendable {
     /// `startup_tpm_resume(0, true)`: INIT(DELETE_VOLATILE).
     public func restoreState(_ blobs: TPMStateBlobs) throws(BackendError) {
         try ensureRunning("CMD_SET_STATEBLOB")
+        // Blobs come from a stream: refuse what would crash swtpm 0.7.1, before STOP.
+        for type in TPMStateBlobType.allCases where !blobs[type].data.isEmpty {
+            try SwtpmBlob.checkBeforeSetStateBlob(blobs[type].data, type: type)
+        }
         try ctrl.stop()
         for type in TPMStateBlobType.allCases where !blobs[type].data.isEmpty {
             try ctrl.setStateBlob(type, blobs[type])
