@@ -93,13 +93,16 @@ public struct TISCore: Sendable {
             var locs: [TISLocality] = []
             locs.reserveCapacity(TISGeometry.localityCount)
             for i in 0..<TISGeometry.localityCount { locs.append(loc[i]) }
+            // Through a span: in a debug build `buffer[i]` copies the whole 4 KiB array per element.
+            let source = buffer.span
             var bytes = [UInt8](repeating: 0, count: TISGeometry.bufferSize)
-            for i in 0..<TISGeometry.bufferSize { bytes[i] = buffer[i] }
+            for i in 0..<TISGeometry.bufferSize { bytes[i] = source[i] }
             return TISState(buffer: bytes, rwOffset: rwOffset, activeLocality: activeLocality,
                             abortingLocality: abortingLocality, nextLocality: nextLocality, localities: locs)
         }
         set {
-            for i in 0..<TISGeometry.bufferSize { buffer[i] = i < newValue.buffer.count ? newValue.buffer[i] : 0 }
+            var target = buffer.mutableSpan
+            for i in 0..<TISGeometry.bufferSize { target[i] = i < newValue.buffer.count ? newValue.buffer[i] : 0 }
             rwOffset = newValue.rwOffset
             activeLocality = newValue.activeLocality
             abortingLocality = newValue.abortingLocality

@@ -57,7 +57,6 @@ struct CtrlReplyFuzzTests {
         #expect(total.refusedDecodes > 10_000)
         #expect(total.ctrlSucceeded > 100 && total.ctrlFailed > 100)
         #expect(total.dataSucceeded > 100 && total.dataFailed > 100)
-        #expect(took < 60)
     }
 
     @Test func checkedInCorpusReplays() throws {

@@ -36,7 +36,7 @@ final class Guest {
     /// neither: attach to a TPM that is already running (a reconnect).
     enum Start { case reset, incoming, attach }
 
-    init(backend: any TPMBackend, start: Start = .reset, timeout: Double = 10) throws {
+    init(backend: any TPMBackend, start: Start = .reset, timeout: Double = 30) throws {
         let errors = hostErrors
         runner = BackendRunner(backend: backend, mode: .worker, onError: { errors.record($0) })
         device = TISDevice(runner: runner)

@@ -26,14 +26,14 @@ struct SwtpmFaultTests {
         var response: [UInt8] = []
         let t = try elapsed { response = try g.transmit(TPM2.getRandom(16)) }
         #expect(response == fatalResponse)
-        #expect(t < 3)
+        #expect(t < 10)                                     // no hang (bounds are loose: shared machine)
         #expect(!g.runner.isBusy)
         #expect(g.hostErrors.last?.code == .connectionClosed)
         #expect(g.hostErrors.last?.operation == "TPM command 0x0000017b")
         // The dead TPM keeps answering the guest at once, with the same response.
         let t2 = try elapsed { response = try g.driver.transmit(TPM2.pcrReadSHA256(pcr: 16), locality: 2, relinquish: false) }
         #expect(response == fatalResponse)
-        #expect(t2 < 1)
+        #expect(t2 < 5)
         #expect(try g.completedCleanly(locality: 2))
     }
 
@@ -49,7 +49,7 @@ struct SwtpmFaultTests {
         var response: [UInt8] = []
         let t = try elapsed { response = try g.transmit(TPM2.getRandom(8)) }
         #expect(response == fatalResponse)
-        #expect(t >= 0.45 && t < 3)
+        #expect(t >= 0.45 && t < 10)
         #expect(g.hostErrors.last?.code == .timeout)
         tpm.resume()
         // The channel is out of step: refused at once, never a late reply taken for a new one.
@@ -79,7 +79,7 @@ struct SwtpmFaultTests {
         let t = try elapsed { response = try g.transmit(TPM2.getRandom(32)) }
         #expect(proxy.cuts == 1)
         #expect(response == fatalResponse)
-        #expect(t < 2)
+        #expect(t < 10)
         #expect(g.hostErrors.last?.code == .connectionClosed)
         #expect(try g.transmit(TPM2.getRandom(8)) == fatalResponse)
         // swtpm never saw a failure: a direct connection reads the same PCR 16.
@@ -152,7 +152,7 @@ struct SwtpmFaultTests {
         let t = elapsed {
             do throws(TISDeviceError) { try destination.device.restore(tis, blobs: blobs) } catch { thrown = error }
         }
-        #expect(t < 3)
+        #expect(t < 10)
         let e = try #require(thrown)
         #expect(e.code == .backendState)
         #expect(e.backendError?.code == .connectionClosed)
