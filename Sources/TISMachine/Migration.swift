@@ -15,6 +15,8 @@ struct OutgoingMigration {
     var downtimeMilliseconds: Int64 = 0
     var totalMilliseconds: Int64 = 0
     var transferred: Int64 = 0
+    /// `migrate_cancel` arrived; the writer stops at its next window.
+    var cancelRequested = false
     var isActive: Bool { status == .setup || status == .active }
 }
 
@@ -267,8 +269,13 @@ extension Machine {
             stream = []
             failure = "Failed to save the TPM state: \(error)"
         }
-        if failure == nil, let e = writePaced(transport.fd, stream, bandwidth: bandwidth) {
-            failure = "Unable to write to \(transport.kind): \(Posix.errnoText(e))"
+        var cancelled = false
+        if failure == nil {
+            switch writePaced(transport.fd, stream, bandwidth: bandwidth) {
+            case .written: break
+            case .cancelled: cancelled = true
+            case .failed(let e): failure = "Unable to write to \(transport.kind): \(Posix.errnoText(e))"
+            }
         }
         Glibc.close(transport.fd)
         if let pid = transport.child { Posix.reap(pid, timeout: 10) }
@@ -277,13 +284,18 @@ extension Machine {
         outgoing.downtimeMilliseconds = Int64(Date().timeIntervalSince(downtimeStart) * 1000)
         outgoing.totalMilliseconds = Int64(Date().timeIntervalSince(start) * 1000)
         lock.unlock()
-        finishOutgoing(failure: failure, wasRunning: wasRunning, stopped: true)
+        finishOutgoing(failure: failure, wasRunning: wasRunning, stopped: true, cancelled: cancelled)
     }
 
-    private func finishOutgoing(failure: String?, wasRunning: Bool, stopped: Bool) {
+    private func finishOutgoing(failure: String?, wasRunning: Bool, stopped: Bool, cancelled: Bool = false) {
         lock.lock()
         defer { lock.unlock() }
-        if let failure {
+        if cancelled {
+            // `migrate_fd_cancel` → CANCELLED; `migration_iteration_finish` restarts the guest.
+            outgoing.status = .cancelled
+            if wasRunning { setRunStateLocked(.running) } else { setRunStateLocked(.postmigrate) }
+            migrationEventLocked(.cancelled)
+        } else if let failure {
             outgoing.status = .failed
             outgoing.errorDescription = failure
             if stopped {
@@ -298,23 +310,38 @@ extension Machine {
         }
     }
 
+    private enum WriteOutcome { case written, cancelled, failed(Int32) }
+
     /// QEMU's rate limit: at most `bandwidth / 10` bytes per 100 ms window
-    /// (`migration_rate_limit`, BUFFER_DELAY). Returns the errno of a failed write.
-    private func writePaced(_ fd: Int32, _ bytes: [UInt8], bandwidth: Int64) -> Int32? {
+    /// (`migration_rate_limit`, BUFFER_DELAY); `migrate_cancel` is looked at between windows.
+    private func writePaced(_ fd: Int32, _ bytes: [UInt8], bandwidth: Int64) -> WriteOutcome {
         let perWindow = max(1, Int(clamping: bandwidth / 10))
         var offset = 0
         while offset < bytes.count {
+            lock.lock()
+            let cancel = outgoing.cancelRequested
+            outgoing.transferred = Int64(offset)
+            lock.unlock()
+            if cancel { return .cancelled }
             let windowStart = Date()
             let n = min(perWindow, bytes.count - offset)
             let e = bytes.withUnsafeBytes { Posix.writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + n)])) }
-            if let e { return e }
+            if let e { return .failed(e) }
             offset += n
             if offset < bytes.count {
                 let left = 0.1 - Date().timeIntervalSince(windowStart)
                 if left > 0 { usleep(useconds_t(left * 1e6)) }
             }
         }
-        return nil
+        return .written
+    }
+
+    /// QMP `migrate_cancel`: a running outgoing migration stops at its next window and is
+    /// `cancelled`; otherwise nothing happens (as in QEMU).
+    func cancelMigration() {
+        lock.lock()
+        if outgoing.isActive { outgoing.cancelRequested = true }
+        lock.unlock()
     }
 
     // MARK: incoming

@@ -161,6 +161,7 @@ enum QMPCommands {
             return m.migrationInfo()
         case "migrate_cancel":
             try a.finish()
+            m.cancelMigration()
             return .object([])
         case "migrate-set-capabilities":
             guard let list = a.any("capabilities") else { throw Failure("Parameter 'capabilities' is missing") }

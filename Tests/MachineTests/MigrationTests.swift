@@ -161,16 +161,9 @@ extension MachineSuite {
             #expect(try readPCR16(d.bus) == pcr16AfterProbe)
         }
 
-        @Test("a destination that goes away mid-stream: the source runs on, cont, same PCR 16")
-        func destinationGoesAway() throws {
-            let work = try QEMUMachine.makeWorkDirectory()
-            defer { work.remove() }
-            let source = try VM(.tisSimSwtpm, work: work)
-            defer { source.close() }
-            try prepareSource(source.bus)
-            let before = try snapshot(source.bus)
-
-            // A destination that reads the first 512 bytes and dies (unread data: RST).
+        /// A TCP listener on 127.0.0.1 that accepts and then reads `limit` bytes (nil: never
+        /// reads) before closing; `done` is signalled when it has closed.
+        func stalledDestination(readLimit limit: Int?) throws -> (port: UInt16, listener: Int32, done: DispatchSemaphore) {
             let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             var addr = sockaddr_in()
             addr.sin_family = sa_family_t(AF_INET)
@@ -182,21 +175,59 @@ extension MachineSuite {
                     try #require(getsockname(listener, sa, &len) == 0)
                 }
             }
-            defer { close(listener) }
-            let port = UInt16(bigEndian: addr.sin_port)
             let done = DispatchSemaphore(value: 0)
             Thread.detachNewThread {
                 let fd = accept(listener, nil, nil)
-                var buf = [UInt8](repeating: 0, count: 512)
-                var got = 0
-                while got < 512 {
-                    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, 512 - got) }
-                    if n <= 0 { break }
-                    got += n
+                if let limit {
+                    var buf = [UInt8](repeating: 0, count: limit)
+                    var got = 0
+                    while got < limit {
+                        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, limit - got) }
+                        if n <= 0 { break }
+                        got += n
+                    }
+                } else {
+                    usleep(3_000_000)
                 }
                 close(fd)
                 done.signal()
             }
+            return (UInt16(bigEndian: addr.sin_port), listener, done)
+        }
+
+        @Test("migrate_cancel: the source is cancelled and runs on")
+        func cancel() throws {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            let source = try VM(.tisSimLibtpms, work: work)
+            defer { source.close() }
+            try prepareSource(source.bus)
+            let before = try snapshot(source.bus)
+            let (port, listener, _) = try stalledDestination(readLimit: nil)
+            defer { close(listener) }
+            try source.qmp.setMaxBandwidth(20_000)
+            try source.qmp.migrate(uri: "tcp:127.0.0.1:\(port)")
+            usleep(150_000)
+            try source.qmp.execute("migrate_cancel")
+            #expect(throws: HarnessError.self) { try source.qmp.waitForMigration(timeout: 5) }
+            #expect(try source.qmp.queryMigrate().status == "cancelled")
+            #expect(try source.qmp.waitForEvent("RESUME", timeout: 3) != nil)
+            #expect(try source.qmp.queryStatus() == "running")
+            #expect(try snapshot(source.bus) == before)
+        }
+
+        @Test("a destination that goes away mid-stream: the source runs on, cont, same PCR 16")
+        func destinationGoesAway() throws {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            let source = try VM(.tisSimSwtpm, work: work)
+            defer { source.close() }
+            try prepareSource(source.bus)
+            let before = try snapshot(source.bus)
+
+            // A destination that reads the first 512 bytes and dies (unread data: RST).
+            let (port, listener, done) = try stalledDestination(readLimit: 512)
+            defer { close(listener) }
             // Slow enough (2 KB per 100 ms) that most of the stream is still to be written.
             try source.qmp.setMaxBandwidth(20_000)
             try source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": .array([
