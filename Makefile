@@ -29,5 +29,13 @@ bench: deps
 	$(SWIFT) build -c release --product tis-bench
 	.build/release/tis-bench --markdown BENCHMARKS.md
 
+# libFuzzer runs of the three fuzz targets (Fuzz/, docs/FUZZING.md), FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+fuzz: deps-build
+	cd Fuzz && $(SWIFT) build -c release --sanitize=fuzzer
+	Fuzz/runs.sh TISFuzz tis $(FUZZ_SECONDS) -max_len=8192 -len_control=0
+	Fuzz/runs.sh StreamFuzz stream $(FUZZ_SECONDS) -max_len=8192 -len_control=0
+	Fuzz/runs.sh CtrlReplyFuzz ctrl $(FUZZ_SECONDS)
+
 clean:
 	rm -rf .build

@@ -102,7 +102,10 @@ public enum CtrlReplyFuzz {
         _ = setsockopt(fds[1], SOL_SOCKET, SO_SNDBUF, &sndbuf, socklen_t(MemoryLayout<Int32>.size))
         var done = 0
         while done < reply.count {
-            let n = reply.withUnsafeBytes { send(fds[1], $0.baseAddress! + done, reply.count - done, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+            let n = reply.withUnsafeBytes { raw -> Int in
+                guard let base = raw.baseAddress else { return 0 }
+                return send(fds[1], base + done, raw.count - done, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+            }
             if n <= 0 { break }      // buffer full: the rest is cut (the reader sees EOF earlier)
             done += n
         }
