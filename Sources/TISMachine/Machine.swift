@@ -17,9 +17,13 @@ import Glibc
 /// an incoming migration. MMIO goes straight to the `TISDevice` through `TISMachineBus` (the
 /// device is thread-safe); the run state and migration bookkeeping sit behind one lock.
 public final class Machine: @unchecked Sendable {
+    /// What the machine was started as.
     public let configuration: MachineConfiguration
+    /// The tpm-tis (QEMU `TPMStateISA`), thread-safe.
     public let device: TISDevice
+    /// The guest-physical address space qtest accesses go through.
     public let bus: TISMachineBus
+    /// The TPM behind the device (`SwtpmBackend` or `LibtpmsBackend`).
     public let backend: any TPMBackend
     /// Where diagnostics go (stderr for the CLI), one line each, as QEMU's `error_report`.
     public let log: @Sendable (String) -> Void

@@ -5,7 +5,9 @@ import EmulatorBackend
 public struct MachineConfiguration: Sendable, Equatable {
     /// `-machine pc|q35`: the machine type a migration stream's configuration section names.
     public enum MachineType: String, Sendable, Equatable, CaseIterable {
+        /// `-machine pc`: i440FX.
         case pc = "pc-i440fx-7.2"
+        /// `-machine q35`: ICH9.
         case q35 = "pc-q35-7.2"
 
         /// Section ids QEMU 7.2 gives `tpm-emulator` and `tpm-tis` on this machine
@@ -35,10 +37,13 @@ public struct MachineConfiguration: Sendable, Equatable {
         case stdio
     }
 
+    /// `-machine`.
     public var machineType: MachineType = .pc
+    /// `-tpmdev` (with its `-chardev`).
     public var backend: Backend
     /// `-device tpm-tis,tpmdev=ID`.
     public var tpmdevID: String
+    /// `-qtest`; nil: no qtest channel.
     public var qtest: QTestEndpoint?
     /// `-qmp unix:PATH,server=on[,wait=on|off]`.
     public var qmpSocket: String?
@@ -51,6 +56,7 @@ public struct MachineConfiguration: Sendable, Equatable {
     /// Options accepted and ignored, in order (`-display none`...), for `--verbose`.
     public var ignoredOptions: [String] = []
 
+    /// A machine with nothing but the TPM configured (no qtest, no QMP, no incoming).
     public init(machineType: MachineType = .pc, backend: Backend, tpmdevID: String = "tpm0") {
         self.machineType = machineType
         self.backend = backend

@@ -2,6 +2,7 @@
 /// stream, the backend. `message` is worded as QEMU words the same failure where QEMU has a
 /// message for it.
 public struct MachineError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// What kind of failure, for callers that switch on it.
     public enum Code: String, Sendable, Equatable {
         /// An option QEMU has but this machine does not model, or one QEMU does not have.
         case unknownOption
@@ -15,11 +16,14 @@ public struct MachineError: Error, Equatable, Sendable, CustomStringConvertible 
         case migration
     }
 
+    /// What kind of failure.
     public var code: Code
+    /// What failed and why.
     public var message: String
     /// The option this error is about (`-tpmdev`, `-qtest`...), when it is about one.
     public var option: String?
 
+    /// An error of `code` saying `message`, about `option` when given.
     public init(_ code: Code, _ message: String, option: String? = nil) {
         self.code = code
         self.message = message

@@ -1,6 +1,7 @@
 /// A JSON value as QMP carries it, object members in order. Serialized exactly as QEMU's
 /// `qobject_to_json` writes a QMP message (`{"a": 1, "b": [1, 2]}`: a space after `:` and `,`).
 public indirect enum QMPValue: Equatable, Sendable {
+    /// Members in order (QEMU writes them in its QAPI order).
     case object([(String, QMPValue)])
     case array([QMPValue])
     case string(String)
@@ -9,6 +10,7 @@ public indirect enum QMPValue: Equatable, Sendable {
     case bool(Bool)
     case null
 
+    /// Structural equality; object members compare in order.
     public static func == (a: QMPValue, b: QMPValue) -> Bool {
         switch (a, b) {
         case (.object(let x), .object(let y)):
@@ -29,8 +31,11 @@ public indirect enum QMPValue: Equatable, Sendable {
         return m.first { $0.0 == key }?.1
     }
 
+    /// The string, if this is one.
     public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
+    /// The bool, if this is one.
     public var boolValue: Bool? { if case .bool(let b) = self { b } else { nil } }
+    /// The number as an integer, if it is integral.
     public var intValue: Int64? {
         switch self {
         case .int(let i): i
@@ -38,6 +43,7 @@ public indirect enum QMPValue: Equatable, Sendable {
         default: nil
         }
     }
+    /// The members, if this is an object.
     public var objectMembers: [(String, QMPValue)]? { if case .object(let m) = self { m } else { nil } }
 
     /// QEMU's QMP text for this value (one line, no newline).
