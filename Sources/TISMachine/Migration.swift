@@ -277,11 +277,14 @@ extension Machine {
             case .failed(let e): failure = "Unable to write to \(transport.kind): \(Posix.errnoText(e))"
             }
         }
+        // QEMU's downtime ends when the device state is flushed, before the channel closes.
+        let downtime = Int64(Date().timeIntervalSince(downtimeStart) * 1000)
         Glibc.close(transport.fd)
+        // `exec:cat > FILE` has written FILE when `completed` is reported.
         if let pid = transport.child { Posix.reap(pid, timeout: 10) }
         lock.lock()
         outgoing.transferred = Int64(stream.count)
-        outgoing.downtimeMilliseconds = Int64(Date().timeIntervalSince(downtimeStart) * 1000)
+        outgoing.downtimeMilliseconds = downtime
         outgoing.totalMilliseconds = Int64(Date().timeIntervalSince(start) * 1000)
         lock.unlock()
         finishOutgoing(failure: failure, wasRunning: wasRunning, stopped: true, cancelled: cancelled)

@@ -205,7 +205,7 @@ enum Posix {
                 if step == 0 { kill(pid, SIGTERM) } else if step >= 1 { kill(pid, SIGKILL) }
                 step += 1
             }
-            usleep(2_000)
+            usleep(200)
         }
     }
 }
