@@ -52,3 +52,47 @@ extension MachineSuite {
     }
 }
 
+
+extension MachineSuite {
+    /// The QMP events of a save and of a load, QEMU 7.2 against tis-sim (names and data, not
+    /// timestamps).
+    @Suite("QMP events of a migration")
+    struct EventTests {
+        func events(_ kind: VMKind) throws -> (source: [String], destination: [String]) {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            let events: JSONValue = .array([.object(["capability": .string("events"), "state": .bool(true)])])
+            let source = try VM(kind, work: work)
+            defer { source.close() }
+            try source.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": events])
+            let stream = work.file("ev.bin")
+            try source.qmp.migrate(uri: "exec:cat > \(stream)")
+            try source.qmp.waitForMigration()
+            try source.qmp.pollEvents(waiting: 0.1)
+            var src = source.qmp.takeEvents().map(\.description)
+            try source.qmp.cont()
+            if let resume = try source.qmp.waitForEvent("RESUME", timeout: 3) { src.append(resume.description) }
+
+            let dest = try VM(kind, work: work, incoming: "defer")
+            defer { dest.close() }
+            try dest.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": events])
+            try dest.qmp.execute("migrate-incoming", arguments: ["uri": .string("exec:cat < \(stream)")])
+            try dest.waitIncoming()
+            try dest.qmp.pollEvents(waiting: 0.1)
+            return (src, dest.qmp.takeEvents().map(\.description))
+        }
+
+        @Test("MIGRATION, MIGRATION_PASS, STOP and RESUME as QEMU 7.2 emits them, source and destination")
+        func sameEvents() throws {
+            let qemu = try events(.qemu)
+            let tisSim = try events(.tisSimSwtpm)
+            #expect(qemu.source == [#"MIGRATION {"status":"setup"}"#, #"MIGRATION_PASS {"pass":1}"#,
+                                    #"MIGRATION {"status":"active"}"#, "STOP null", #"MIGRATION_PASS {"pass":2}"#,
+                                    #"MIGRATION {"status":"completed"}"#, "RESUME null"], "\(qemu.source)")
+            #expect(tisSim.source == qemu.source)
+            #expect(qemu.destination == [#"MIGRATION {"status":"setup"}"#, #"MIGRATION {"status":"active"}"#, "RESUME null",
+                                         #"MIGRATION {"status":"completed"}"#], "\(qemu.destination)")
+            #expect(tisSim.destination == qemu.destination)
+        }
+    }
+}
