@@ -225,6 +225,12 @@ public final class LibtpmsBackend: TPMBackend, @unchecked Sendable {
             for t in [TPMLIB_STATE_PERMANENT, TPMLIB_STATE_VOLATILE, TPMLIB_STATE_SAVE_STATE] {
                 _ = TPMLIB_SetState(t, nil, 0)
             }
+            // TPMLIB_SetState test-unmarshals the blobs into libtpms' live globals (the NV
+            // image, persistent and volatile data, PCRs); a later fresh TPM's manufacture does
+            // not reset all of it (its PCR_Read then returned no digest). A throwaway start on
+            // an empty NV store puts the globals back to a fresh TPM's.
+            LibtpmsGlobals.nv.withLock { nv in nv.memory = [:] }
+            if TPMLIB_MainInit() == tpmSuccess { TPMLIB_Terminate() }
             LibtpmsGlobals.nv.withLock { nv in nv.memory = [:] }
             LibtpmsGlobals.live.store(false, ordering: .releasing)
         }
