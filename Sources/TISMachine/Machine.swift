@@ -128,6 +128,10 @@ public final class Machine: @unchecked Sendable {
             qmpServer = server
             if configuration.qmpWait { try server.acceptFirstClient() }
             server.run()
+        } else if let path = configuration.qmpConnect {
+            let server = try QMPServer(connectingTo: path, machine: self)
+            qmpServer = server
+            server.run()
         }
         switch configuration.qtest {
         case .unix(let path)?:

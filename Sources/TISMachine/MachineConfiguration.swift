@@ -49,6 +49,9 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var qmpSocket: String?
     /// `wait=on`: start only once a QMP client has connected.
     public var qmpWait = false
+    /// `-chardev socket,id=ID,path=PATH -mon chardev=ID,mode=control` (libqtest's way): the
+    /// machine connects to PATH and speaks QMP there.
+    public var qmpConnect: String?
     /// `-incoming URI` or `-incoming defer`.
     public var incoming: String?
     /// `-S`: do not start the guest (run state `prelaunch`; `cont` starts it).
@@ -72,7 +75,9 @@ public struct MachineConfiguration: Sendable, Equatable {
     /// as QEMU does (`-tpmdev foo: …`); an unknown option is `unknownOption`.
     public static func parse(_ arguments: [String]) throws(MachineError) -> MachineConfiguration {
         var machine: MachineType = .pc
-        var chardevs: [String: String] = [:]
+        /// id → (path, server).
+        var chardevs: [String: (path: String, server: Bool, wait: Bool)] = [:]
+        var monitor: (chardev: String, option: String)?
         var tpmdev: (id: String, backend: Backend?, chardev: String?, option: String)?
         var deviceTPM: (id: String, option: String)?
         var qtest: QTestEndpoint?
@@ -120,10 +125,18 @@ public struct MachineConfiguration: Sendable, Equatable {
                 guard let path = opts.value("path") else {
                     throw MachineError(.invalidOption, "tis-sim machine needs a UNIX socket chardev (path=…)", option: o)
                 }
-                for k in opts.map(\.key) where !["backend", "id", "path"].contains(k) {
-                    throw MachineError(.invalidOption, "Invalid parameter '\(k)'", option: o)
+                var server = false
+                var wait = true
+                for opt in opts where !["backend", "id", "path"].contains(opt.key) {
+                    switch (opt.key, opt.value) {
+                    case ("server", "on"), ("server", ""): server = true
+                    case ("server", "off"): server = false
+                    case ("wait", "on"), ("wait", ""): wait = true
+                    case ("wait", "off"), ("nowait", ""): wait = false
+                    default: throw MachineError(.invalidOption, "Invalid parameter '\(opt.key)'", option: o)
+                    }
                 }
-                chardevs[id] = path
+                chardevs[id] = (path, server, wait)
             case "tpmdev":
                 let v = try value()
                 let o = "-tpmdev \(v)"
@@ -203,6 +216,18 @@ public struct MachineConfiguration: Sendable, Equatable {
                     throw MachineError(.invalidOption, "tis-sim machine serves QMP (server=on); connecting out is not supported", option: "-qmp \(v)")
                 }
                 qmp = (p, wait)
+            case "mon":
+                let v = try value()
+                let o = "-mon \(v)"
+                let opts = try QEMUOptionList.parse(v, impliedKey: "chardev", option: o)
+                guard let cd = opts.value("chardev") else { throw MachineError(.invalidOption, "Parameter 'chardev' is missing", option: o) }
+                guard opts.value("mode") == "control" else {
+                    throw MachineError(.invalidOption, "tis-sim machine has a QMP monitor only (mode=control), no HMP", option: o)
+                }
+                for k in opts.map(\.key) where !["chardev", "mode", "pretty", "id"].contains(k) {
+                    throw MachineError(.invalidOption, "Invalid parameter '\(k)'", option: o)
+                }
+                monitor = (cd, o)
             case "incoming":
                 incoming = try value()
             case "S":
@@ -213,7 +238,7 @@ public struct MachineConfiguration: Sendable, Equatable {
                 } else if ignoredFlags.contains(name) {
                     ignored.append(raw)
                 } else {
-                    throw MachineError(.unknownOption, "invalid option (tis-sim machine accepts -machine, -chardev, -tpmdev, -device tpm-tis, -qtest, -qmp, -incoming, -S, and ignores \((ignoredWithValue.union(ignoredFlags)).sorted().map { "-" + $0 }.joined(separator: " ")))",
+                    throw MachineError(.unknownOption, "invalid option (tis-sim machine accepts -machine, -chardev, -tpmdev, -device tpm-tis, -qtest, -qmp, -mon, -incoming, -S, and ignores \((ignoredWithValue.union(ignoredFlags)).sorted().map { "-" + $0 }.joined(separator: " ")))",
                                        option: raw)
                 }
             }
@@ -233,15 +258,27 @@ public struct MachineConfiguration: Sendable, Equatable {
             backend = b
         } else {
             let cd = tpmdev.chardev ?? ""
-            guard let path = chardevs[cd] else {
+            guard let chardev = chardevs[cd] else {
                 throw MachineError(.invalidOption, "tpm-emulator: tpm chardev '\(cd)' not found", option: tpmdev.option)
             }
-            backend = .emulator(ctrlSocket: path)
+            guard !chardev.server else {
+                throw MachineError(.invalidOption, "tpm-emulator: the chardev must connect to swtpm's ctrl socket (server=off)", option: tpmdev.option)
+            }
+            backend = .emulator(ctrlSocket: chardev.path)
+        }
+        var qmpConnect: String?
+        if let monitor {
+            guard let chardev = chardevs[monitor.chardev] else {
+                throw MachineError(.invalidOption, "chardev \"\(monitor.chardev)\" not found", option: monitor.option)
+            }
+            guard qmp == nil else { throw MachineError(.invalidOption, "tis-sim machine has one QMP monitor", option: monitor.option) }
+            if chardev.server { qmp = (chardev.path, chardev.wait) } else { qmpConnect = chardev.path }
         }
         var c = MachineConfiguration(machineType: machine, backend: backend, tpmdevID: tpmdev.id)
         c.qtest = qtest
         c.qmpSocket = qmp?.path
         c.qmpWait = qmp?.wait ?? false
+        c.qmpConnect = qmpConnect
         c.incoming = incoming
         c.startPaused = paused
         c.ignoredOptions = ignored

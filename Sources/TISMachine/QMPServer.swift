@@ -9,6 +9,7 @@ import Glibc
 /// mode. Messages are split as QEMU's JSON streamer splits them; replies and events are one
 /// line each, ending in `\r\n` as QEMU's monitor writes them.
 final class QMPServer: @unchecked Sendable {
+    /// The listening socket; -1 for a monitor that connected out (`-mon` on a client chardev).
     private let listener: Int32
     private let path: String
     private unowned let machine: Machine
@@ -29,6 +30,19 @@ final class QMPServer: @unchecked Sendable {
         self.machine = machine
     }
 
+    /// `-mon chardev=ID,mode=control` on a client chardev: connects to `path` and serves QMP
+    /// on that one connection (libqtest listens there, as it does for the qtest socket).
+    init(connectingTo path: String, machine: Machine) throws(MachineError) {
+        do throws(MachineError) {
+            firstClient = try Posix.connectUnix(path)
+        } catch {
+            throw MachineError(.io, error.message, option: "-chardev socket,path=\(path)")
+        }
+        listener = -1
+        self.path = path
+        self.machine = machine
+    }
+
     /// `wait=on`: block until the first client connects.
     func acceptFirstClient() throws(MachineError) {
         firstClient = try Posix.accept(listener)
@@ -42,7 +56,7 @@ final class QMPServer: @unchecked Sendable {
                     fd = f
                     firstClient = nil
                 } else {
-                    guard let f = try? Posix.accept(listener) else { return }
+                    guard listener >= 0, let f = try? Posix.accept(listener) else { return }
                     fd = f
                 }
                 serve(fd)
@@ -133,11 +147,13 @@ final class QMPServer: @unchecked Sendable {
 
     func close() {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        shutdown(listener, Int32(SHUT_RDWR))
-        Glibc.close(listener)
+        if listener >= 0 {
+            shutdown(listener, Int32(SHUT_RDWR))
+            Glibc.close(listener)
+            unlink(path)
+        }
         writeLock.lock()
         if client >= 0 { shutdown(client, Int32(SHUT_RDWR)) }
         writeLock.unlock()
-        unlink(path)
     }
 }

@@ -14,6 +14,7 @@ struct MachineCommand: ParsableCommand {
           -machine pc|q35   -chardev socket,id=ID,path=CTRL.sock   -tpmdev emulator,id=T,chardev=ID
           -tpmdev libtpms,id=T,state=DIR[,version=2.0|1.2]   -device tpm-tis,tpmdev=T
           -qtest unix:PATH | stdio   -qmp unix:PATH,server=on,wait=off   -incoming URI|defer   -S
+          -chardev socket,id=M,path=PATH -mon chardev=M,mode=control   (libqtest's QMP: the machine connects)
         Ignored (listed with --verbose): -nodefaults -nographic -display -accel -bios -m -qtest-log -name.
         Example: tis-sim machine -machine pc -tpmdev libtpms,id=tpm0,state=/tmp/s -device tpm-tis,tpmdev=tpm0 -qtest stdio
         """)

@@ -178,3 +178,47 @@ extension MachineSuite {
         static func line(_ fd: Int32) -> String { ExactLine.line(fd) }
     }
 }
+
+extension MachineSuite.ExactCommandLineTests {
+    /// libqtest (QEMU 7.2 tests/qtest/libqtest.c) starts `BIN -qtest unix:Q -qtest-log /dev/null
+    /// -chardev socket,path=M,id=char0 -mon chardev=char0,mode=control -display none ARGS
+    /// -accel qtest` and listens on both Q and M; QEMU's TPM tests add
+    /// `-M pc -chardev socket,id=chr,path=CTRL -tpmdev emulator,id=dev,chardev=chr -device tpm-tis,tpmdev=dev`.
+    /// (Debian's QEMU has no qtest accelerator, so only tis-sim runs this line here.)
+    @Test("libqtest's command line: QMP on a client chardev through -mon, -accel qtest ignored")
+    func libqtestLine() throws {
+        let work = try QEMUMachine.makeWorkDirectory()
+        defer { work.remove() }
+        let state = try work.subdirectory("swtpm")
+        var o = SwtpmProcess.Options(stateDirectory: state)
+        o.ctrlSocketPath = state + "/ctrl.sock"
+        let swtpm = try SwtpmProcess.launch(o)
+        defer { swtpm.terminate(timeout: 2) }
+        let qtestPath = work.file("qtest.sock"), qmpPath = work.file("qmp.sock")
+        let ql = try ExactLine.listen(qtestPath), ml = try ExactLine.listen(qmpPath)
+        defer { Glibc.close(ql); Glibc.close(ml) }
+        let child = try ChildProcess(executable: try tisSimBinary(), arguments: [
+            "machine", "-qtest", "unix:\(qtestPath)", "-qtest-log", "/dev/null", "-chardev", "socket,path=\(qmpPath),id=char0",
+            "-mon", "chardev=char0,mode=control", "-display", "none",
+            "-M", "pc", "-chardev", "socket,id=chr,path=\(state)/ctrl.sock", "-tpmdev", "emulator,id=dev,chardev=chr",
+            "-device", "tpm-tis,tpmdev=dev", "-accel", "qtest"], outputPath: work.file("out.log"))
+        defer { if !child.waitForExit(timeout: 3) { child.terminate(grace: 1) } }
+        for fd in [ql, ml] {
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            try #require(poll(&pfd, 1, 10_000) == 1, "tis-sim did not connect: \(child.outputTail())")
+        }
+        let qt = accept(ql, nil, nil), qmp = accept(ml, nil, nil)
+        defer { Glibc.close(qt); Glibc.close(qmp) }
+        #expect(ExactLine.line(qmp).hasPrefix(#"{"QMP": {"version": {"qemu": "#))
+        ExactLine.send(qmp, #"{"execute":"qmp_capabilities"}"#)
+        #expect(ExactLine.line(qmp) == "{\"return\": {}}\r")
+        ExactLine.send(qt, "endianness")
+        #expect(ExactLine.line(qt) == "OK little")
+        ExactLine.send(qt, "readl 0xfed40f00")
+        #expect(ExactLine.line(qt) == "OK 0x0000000000011014")
+        ExactLine.send(qmp, #"{"execute":"quit"}"#)
+        #expect(ExactLine.line(qmp) == "{\"return\": {}}\r")
+        #expect(child.waitForExit(timeout: 5))
+        #expect(child.exitDescription == "exit 0")
+    }
+}
