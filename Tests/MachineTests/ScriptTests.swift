@@ -1,3 +1,4 @@
+import EmulatorBackend
 import Foundation
 import QEMUHarness
 import Testing
@@ -26,6 +27,30 @@ extension MachineSuite {
                     .map { "line \($0.offset): QEMU \($0.element.0) / \(kind) \($0.element.1)" }
                 #expect(t == reference, "\(kind) differs from QEMU 7.2: \(diff.prefix(10))")
             }
+        }
+
+        @Test("TPM 1.2: registers, arbitration and TPM_Startup identical on QEMU 7.2, tis-sim+swtpm and tis-sim+libtpms")
+        func tpm12() throws {
+            let work = try QEMUMachine.makeWorkDirectory()
+            defer { work.remove() }
+            var transcripts: [[String]] = []
+            for kind in VMKind.allCases {
+                let vm = try VM(kind, work: work, tpmVersion: .tpm12)
+                defer { vm.close() }
+                var s = RegisterScript(bus: vm.bus)
+                try s.snapshot()
+                try vm.bus.writeb(TIS.reg(0, TIS.access), TIS.requestUse)
+                try s.readl(0, TIS.sts, "STS after request")
+                // TPM_Startup(TPM_ST_CLEAR), then a second one (TPM_INVALID_POSTINIT).
+                let startup: [UInt8] = [0x00, 0xC1, 0x00, 0x00, 0x00, 0x0C, 0x00, 0x00, 0x00, 0x99, 0x00, 0x01]
+                try s.command(startup, locality: 0)
+                try s.command(startup, locality: 0)
+                try s.snapshot()
+                transcripts.append(s.transcript)
+            }
+            #expect(transcripts[0].contains("loc0 response 00c40000000a00000000"))
+            #expect(transcripts[1] == transcripts[0])
+            #expect(transcripts[2] == transcripts[0])
         }
 
         @Test("the issue's exact command line starts tis-sim machine, and QMP answers as QEMU's")

@@ -208,16 +208,16 @@ final class VM {
     /// `incoming`: `-incoming URI` (one argv element).
     /// `swtpmLog`: swtpm logs at level 20 into `swtpmLogPath` (every ctrl command).
     init(_ kind: VMKind, work: WorkDirectory, incoming: String? = nil, machine type: QEMUMachineType = .pc,
-         swtpmLog: Bool = false) throws {
+         swtpmLog: Bool = false, tpmVersion: TPMVersion = .tpm20) throws {
         self.kind = kind
         switch kind {
         case .qemu:
-            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work,
+            let m = try QEMUMachine.start(machine: type, incoming: incoming, tpmVersion: tpmVersion, workDirectory: work,
                                           swtpmLogLevel: swtpmLog ? 20 : nil)
             machine = m
             process = m.qemu
         case .tisSimSwtpm:
-            let m = try QEMUMachine.start(machine: type, incoming: incoming, workDirectory: work,
+            let m = try QEMUMachine.start(machine: type, incoming: incoming, tpmVersion: tpmVersion, workDirectory: work,
                                           swtpmLogLevel: swtpmLog ? 20 : nil, executable: try tisSimMachineExecutable(in: work))
             machine = m
             process = m.qemu
@@ -225,7 +225,8 @@ final class VM {
             let n = Self.counter.next()
             let state = try work.subdirectory("libtpms\(n)")
             var o = QEMUOptions(machine: type, device: nil, incoming: incoming,
-                                extraArguments: ["-tpmdev", "libtpms,id=tpm0,state=\(state)", "-device", "tpm-tis,tpmdev=tpm0"])
+                                extraArguments: ["-tpmdev", "libtpms,id=tpm0,state=\(state)\(tpmVersion == .tpm12 ? ",version=1.2" : "")",
+                                                 "-device", "tpm-tis,tpmdev=tpm0"])
             o.name = "lt\(n)"
             o.executable = try tisSimMachineExecutable(in: work)
             o.qtestLog = false
