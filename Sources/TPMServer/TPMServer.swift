@@ -245,6 +245,9 @@ public final class TPMServer: @unchecked Sendable {
         var written = 0
         var closeAfterWrite = false
         var stopAfterWrite = false
+        /// The peer hung up while its request was at the engine: not polled any more (a hung-up
+        /// socket polls ready at once, which would spin the loop), closed when the reply comes.
+        var peerGone = false
         /// When the current phase's clock started (request's first byte, write start, drain).
         var since: Double
         var lastActivity: Double
@@ -377,7 +380,7 @@ public final class TPMServer: @unchecked Sendable {
             order.removeAll(keepingCapacity: true)
             pfds.append(pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0))
             for l in listeners { pfds.append(pollfd(fd: l.fd, events: pending ? 0 : Int16(POLLIN), revents: 0)) }
-            for c in connections.values {
+            for c in connections.values where !c.peerGone {
                 var ev: Int16 = 0
                 switch c.phase {
                 case .reading, .draining: ev = Int16(POLLIN)
@@ -406,7 +409,8 @@ public final class TPMServer: @unchecked Sendable {
                     c.stopAfterWrite = true
                     pending = true
                 }
-                if d.reply.bytes.isEmpty && d.reply.close {
+                if c.peerGone || (d.reply.bytes.isEmpty && d.reply.close) {
+                    if c.stopAfterWrite { stop() }
                     close(c)
                     continue
                 }
@@ -468,7 +472,7 @@ public final class TPMServer: @unchecked Sendable {
                         close(c)
                     }
                 case .waiting:
-                    break
+                    if ev & Int16(POLLHUP | POLLERR) != 0 { c.peerGone = true }
                 }
             }
 

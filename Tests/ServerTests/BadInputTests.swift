@@ -96,6 +96,34 @@ import TPMServer
         }
     }
 
+    /// Clients that send a command and reset the connection before the reply (RST): the
+    /// command completes in the TIS, its reply is dropped, and the server goes on serving.
+    @Test(arguments: ["libtpms", "swtpm"])
+    func resetBeforeReply(backend: String) async throws {
+        try await withServer(backend) { server in
+            _ = try RawClient.command(port: server.dataPort, TPM2.startup())
+            let digest = Crypto.sha256(Array("reset".utf8))
+            for _ in 0..<20 {
+                let c = try RawClient(port: server.dataPort)
+                try c.send(TPM2.pcrExtendSHA256(pcr: 16, digest: digest))
+                c.reset()
+            }
+            // A reset may discard a command the server had not read yet (Linux drops queued
+            // data on RST); every command that was read ran whole: PCR 16 is the digest
+            // extended exactly as many times as the TIS executed commands.
+            var ran = -1
+            #expect(eventually {
+                let n = server.statistics.tpmCommands
+                defer { ran = n }
+                usleep(100_000)
+                return n == ran
+            })
+            #expect(try pcrValue(port: server.dataPort, 16) == Crypto.pcrExtendSHA256(Array(repeating: digest, count: ran - 1)))
+            try Self.goodClient(server.dataPort)
+            Self.tisIsIdle(server)
+        }
+    }
+
     /// 200 data and 50 ctrl connections held open, 20 more each stuck mid-command: a client
     /// keeps getting answers throughout (the longest-idle and slowest connections are closed
     /// to make room), and afterwards the TIS is idle and the TPM's state is intact.

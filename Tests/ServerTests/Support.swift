@@ -211,7 +211,7 @@ final class DirectSwtpm: @unchecked Sendable {
 
 /// A raw TCP client of the server's ports, as a test drives bad input with it.
 final class RawClient {
-    let fd: Int32
+    private(set) var fd: Int32
 
     init(port: Int, timeout: Double = 10) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -225,7 +225,15 @@ final class RawClient {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    deinit { close(fd) }
+    deinit { if fd >= 0 { close(fd) } }
+
+    /// Closes with a TCP reset (SO_LINGER 0) instead of a FIN.
+    func reset() {
+        var l = linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+        close(fd)
+        fd = -1
+    }
 
     func send(_ bytes: [UInt8]) throws {
         var off = 0
