@@ -72,11 +72,11 @@ import TPMServer
     }
 
     /// A client that disconnects mid-command, and one that stalls mid-command: the first is
-    /// dropped, the second is answered TPM_RC_COMMAND_SIZE after `commandTimeout` (0.3 s) and
-    /// closed; meanwhile another client is served.
+    /// dropped, the second is answered TPM_RC_COMMAND_SIZE after `commandTimeout` (2 s) and
+    /// closed; meanwhile another client is served at once.
     @Test(arguments: ["libtpms", "swtpm"])
     func truncatedCommands(backend: String) async throws {
-        try await withServer(backend) { server in
+        try await withServer(backend, testConfiguration(commandTimeout: 2)) { server in
             _ = try RawClient.command(port: server.dataPort, TPM2.startup())
             let getRandom = TPM2.getRandom(8)
             do {
@@ -87,8 +87,9 @@ import TPMServer
             try staller.send(Array(getRandom.prefix(8)))
             let start = monotonic()
             try Self.goodClient(server.dataPort)
-            #expect(monotonic() - start < 0.3, "the good client waited for the stalled one")
+            #expect(monotonic() - start < 1.5, "the good client waited for the stalled one")
             #expect(staller.read(10) == Self.sizeError)
+            #expect(monotonic() - start >= 1.5, "the stalled command was answered before its deadline")
             #expect(staller.readsEOF())
             #expect(eventually { server.statistics.truncatedRequests == 2 }, "\(server.statistics)")
             try Self.goodClient(server.dataPort)
@@ -149,7 +150,7 @@ import TPMServer
             let caps = try RawClient(port: server.ctrlPort).ctrl(SwtpmCtrl.GetCapability().encoded(), responseLength: 8)
             #expect(caps.count == 8 && caps.prefix(4) == [0, 0, 0, 0])
             let s = server.statistics
-            #expect(s.connectionsEvicted >= 270 - 16, "\(s)")
+            #expect(s.connectionsEvicted >= 200, "\(s)")
             #expect(s.peakConnections <= 16)
             held.removeAll()
             #expect(try pcrValue(port: server.dataPort, 16) == Crypto.pcrExtendSHA256(Array(repeating: digest, count: extends)))
