@@ -93,7 +93,7 @@ extension MachineSuite {
             let stream = work.file("ev.bin")
             try source.qmp.migrate(uri: "exec:cat > \(stream)")
             try source.qmp.waitForMigration()
-            try source.qmp.pollEvents(waiting: 0.1)
+            try waitForCompletedEvent(source.qmp)
             var src = source.qmp.takeEvents().map(\.description)
             try source.qmp.cont()
             if let resume = try source.qmp.waitForEvent("RESUME", timeout: 3) { src.append(resume.description) }
@@ -103,18 +103,32 @@ extension MachineSuite {
             try dest.qmp.execute("migrate-set-capabilities", arguments: ["capabilities": events])
             try dest.qmp.execute("migrate-incoming", arguments: ["uri": .string("exec:cat < \(stream)")])
             try dest.waitIncoming()
-            try dest.qmp.pollEvents(waiting: 0.1)
+            try waitForCompletedEvent(dest.qmp)
             return (src, dest.qmp.takeEvents().map(\.description))
+        }
+
+        /// The `completed` MIGRATION event may trail query-migrate's answer (a loaded machine).
+        func waitForCompletedEvent(_ qmp: QMPClient) throws {
+            let end = Date().addingTimeInterval(5)
+            while !qmp.events.contains(where: { $0.description == #"MIGRATION {"status":"completed"}"# }) && Date() < end {
+                try qmp.pollEvents(waiting: 0.05)
+            }
+            try qmp.pollEvents(waiting: 0.05)
         }
 
         @Test("MIGRATION, MIGRATION_PASS, STOP and RESUME as QEMU 7.2 emits them, source and destination")
         func sameEvents() throws {
             let qemu = try events(.qemu)
             let tisSim = try events(.tisSimSwtpm)
-            #expect(qemu.source == [#"MIGRATION {"status":"setup"}"#, #"MIGRATION_PASS {"pass":1}"#,
-                                    #"MIGRATION {"status":"active"}"#, "STOP null", #"MIGRATION_PASS {"pass":2}"#,
-                                    #"MIGRATION {"status":"completed"}"#, "RESUME null"], "\(qemu.source)")
-            #expect(tisSim.source == qemu.source)
+            // QEMU may take more RAM passes on a loaded host (MIGRATION_PASS 3…); the rest is fixed.
+            let passes = { (e: [String]) in e.filter { !$0.hasPrefix("MIGRATION_PASS") } }
+            #expect(passes(qemu.source) == [#"MIGRATION {"status":"setup"}"#, #"MIGRATION {"status":"active"}"#, "STOP null",
+                                            #"MIGRATION {"status":"completed"}"#, "RESUME null"], "\(qemu.source)")
+            #expect(tisSim.source == [#"MIGRATION {"status":"setup"}"#, #"MIGRATION_PASS {"pass":1}"#,
+                                      #"MIGRATION {"status":"active"}"#, "STOP null", #"MIGRATION_PASS {"pass":2}"#,
+                                      #"MIGRATION {"status":"completed"}"#, "RESUME null"])
+            #expect(passes(tisSim.source) == passes(qemu.source))
+            #expect(qemu.source.prefix(2).last == #"MIGRATION_PASS {"pass":1}"#)
             #expect(qemu.destination == [#"MIGRATION {"status":"setup"}"#, #"MIGRATION {"status":"active"}"#, "RESUME null",
                                          #"MIGRATION {"status":"completed"}"#], "\(qemu.destination)")
             #expect(tisSim.destination == qemu.destination)
