@@ -6,6 +6,7 @@ import WireFormat
 
 /// What the server counted; a snapshot is `TPMServer.statistics`.
 public struct ServerStatistics: Sendable, Equatable {
+    /// Connections accepted on any port.
     public var connectionsAccepted = 0
     /// Connections closed to make room for a new one (the longest idle without a request).
     public var connectionsEvicted = 0
@@ -35,6 +36,7 @@ public struct ServerStatistics: Sendable, Equatable {
     /// How often each locality became the TIS's active locality (`TISEvent.newActiveLocality`).
     public var tisActivations: [Int] = [0, 0, 0, 0, 0]
 
+    /// All zero.
     public init() {}
 }
 

@@ -162,21 +162,37 @@ struct Framer: Sendable {
 
 /// mssim codes (libtpms `TpmTcpProtocol.h`, ms-tpm-20-ref `TcpServer.c`).
 public enum MssimCode {
+    /// `TPM_SIGNAL_POWER_ON`.
     public static let powerOn: UInt32 = 1
+    /// `TPM_SIGNAL_POWER_OFF`.
     public static let powerOff: UInt32 = 2
+    /// `TPM_SIGNAL_PHYS_PRES_ON`.
     public static let physicalPresenceOn: UInt32 = 3
+    /// `TPM_SIGNAL_PHYS_PRES_OFF`.
     public static let physicalPresenceOff: UInt32 = 4
+    /// `TPM_SEND_COMMAND (TPM port)`.
     public static let sendCommand: UInt32 = 8
+    /// `TPM_SIGNAL_CANCEL_ON`.
     public static let cancelOn: UInt32 = 9
+    /// `TPM_SIGNAL_CANCEL_OFF`.
     public static let cancelOff: UInt32 = 10
+    /// `TPM_SIGNAL_NV_ON`.
     public static let nvOn: UInt32 = 11
+    /// `TPM_SIGNAL_NV_OFF`.
     public static let nvOff: UInt32 = 12
+    /// `TPM_SIGNAL_KEY_CACHE_ON`.
     public static let keyCacheOn: UInt32 = 13
+    /// `TPM_SIGNAL_KEY_CACHE_OFF`.
     public static let keyCacheOff: UInt32 = 14
+    /// `TPM_REMOTE_HANDSHAKE (TPM port)`.
     public static let remoteHandshake: UInt32 = 15
+    /// `TPM_SIGNAL_RESET`.
     public static let reset: UInt32 = 17
+    /// `TPM_SIGNAL_RESTART`.
     public static let restart: UInt32 = 18
+    /// `TPM_SESSION_END`.
     public static let sessionEnd: UInt32 = 20
+    /// `TPM_STOP`.
     public static let stop: UInt32 = 21
     /// `tpmPlatformAvailable | tpmInRawMode | tpmSupportsPP` for TPM_REMOTE_HANDSHAKE.
     public static let handshakeFlags: UInt32 = 0x01 | 0x04 | 0x08

@@ -12,16 +12,21 @@ public struct TPMServerError: Error, Equatable, Sendable, CustomStringConvertibl
         /// An argument is out of range.
         case configuration
     }
+    /// What failed.
     public var code: Code
+    /// What was being done, with the address or value involved.
     public var message: String
+    /// The system error, if one caused it.
     public var errno: Int32?
 
+    /// An error with its code, message and optional errno.
     public init(_ code: Code, _ message: String, errno: Int32? = nil) {
         self.code = code
         self.message = message
         self.errno = errno
     }
 
+    /// "code: message (strerror)".
     public var description: String {
         "\(code.rawValue): \(message)" + (errno.map { " (\(String(cString: strerror($0))))" } ?? "")
     }

@@ -52,10 +52,13 @@ public final class TPMServer: @unchecked Sendable {
         /// shorter, so this is only a safety net.
         public var driverTimeout: Double = 120
 
+        /// Port 2321 / 2322, no mssim, 64 connections, 2 s / 30 s / 5 s deadlines, no Startup.
         public init() {}
     }
 
+    /// The settings the server runs with.
     public let configuration: Configuration
+    /// The TIS device every command goes through (its state, for checks and saves).
     public let device: TISDevice
     let engine: TPMEngine
     let stats: StatisticsBox
