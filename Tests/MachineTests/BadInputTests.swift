@@ -138,7 +138,12 @@ extension MachineSuite {
 }
 
 /// QMP and qtest answered in process (a `Machine` on a fake backend), byte for byte against
-/// what qemu-system-x86_64 7.2.22 answered on this machine.
+/// what qemu-system-x86_64 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3) answered on this machine,
+/// started as `qemu-system-x86_64 -machine pc -accel tcg -bios W/halt.bin -nodefaults -display none
+/// -m 128 -chardev socket,id=chrtpm,path=W/a/ctrl.sock -tpmdev emulator,id=tpm0,chardev=chrtpm
+/// -device tpm-tis,tpmdev=tpm0 -qtest unix:W/a.qtest -qmp unix:W/a.qmp,server=on,wait=off
+/// -qtest-log /dev/null` on `swtpm socket --tpm2 --tpmstate dir=W/a --ctrl type=unixio,path=W/a/ctrl.sock`,
+/// each request sent on its own line and the answer recorded (QMP lines end in `\r\n`).
 @Suite("QMP and qtest in process")
 struct InProcessTests {
     /// A machine with a fake TPM and a QMP socket; a raw client connected to it.
