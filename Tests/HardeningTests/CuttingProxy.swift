@@ -14,10 +14,13 @@ final class CuttingProxy: @unchecked Sendable {
     private let listenFD: Int32
     private struct State { var cutAfter: Int? = nil; var cuts = 0; var stop = false }
     private let state = Mutex(State())
+    /// Sees every chunk the client sends, before it is forwarded (a test may kill swtpm here).
+    let onRequest: (@Sendable ([UInt8]) -> Void)?
 
-    init(path: String, upstream: String) throws {
+    init(path: String, upstream: String, onRequest: (@Sendable ([UInt8]) -> Void)? = nil) throws {
         self.path = path
         self.upstream = upstream
+        self.onRequest = onRequest
         unlink(path)
         listenFD = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard listenFD >= 0, Self.withAddress(path, { bind(listenFD, $0, $1) }) == 0, listen(listenFD, 4) == 0 else {
@@ -73,6 +76,7 @@ final class CuttingProxy: @unchecked Sendable {
             if fds[0].revents != 0 {
                 let n = buf.withUnsafeMutableBytes { read(client, $0.baseAddress, $0.count) }
                 if n <= 0 { return }
+                onRequest?(Array(buf[0..<n]))
                 if !writeAll(up, Array(buf[0..<n])) { return }
             }
             if fds[1].revents != 0 {

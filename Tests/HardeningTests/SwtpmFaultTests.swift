@@ -1,6 +1,7 @@
 import Dispatch
 import EmulatorBackend
 import Foundation
+import Synchronization
 import TIS
 import TISDriver
 import Testing
@@ -166,6 +167,42 @@ struct SwtpmFaultTests {
         let (tis2, blobs2) = try source.device.saveWithBackend()
         try destination2.device.restore(tis2, blobs: blobs2)
         #expect(try TPMContent.read(destination2) == content)
+    }
+
+    /// The destination's swtpm is killed at an exact point of the restore: as the permanent
+    /// blob's SET_STATEBLOB arrives, as the volatile one arrives (the permanent one already
+    /// set), or as the final INIT arrives. A proxy on the ctrl channel sees each command.
+    @Test(arguments: [(0x0D as UInt32, 1), (0x0D, 2), (0x02, 1)])
+    func destinationKilledAtAnExactStep(command: UInt32, occurrence: Int) throws {
+        let src = try LiveSwtpm("step-src")
+        let source = try Guest(backend: try src.backend())
+        let content = try TPMContent.provision(source)
+        let (tis, blobs) = try source.device.saveWithBackend()
+        let dst = try LiveSwtpm("step-dst", dataSocket: true)
+        let process = dst.process
+        let seen = Mutex(0)
+        let killing = Mutex(false)
+        let proxy = try CuttingProxy(path: dst.dir.path + "/ctrl-proxy.sock", upstream: dst.process.ctrlSocketPath) { chunk in
+            guard chunk.count >= 4 else { return }
+            let code = UInt32(chunk[0]) << 24 | UInt32(chunk[1]) << 16 | UInt32(chunk[2]) << 8 | UInt32(chunk[3])
+            guard code == command, killing.withLock({ $0 }) else { return }
+            if seen.withLock({ $0 += 1; return $0 }) == occurrence { process.kill() }
+        }
+        var config = SwtpmBackend.Configuration(ctrl: .unix(path: proxy.path), data: .unix(path: try #require(dst.process.options.dataSocketPath)))
+        config.ctrlTimeout = 2
+        let destination = try Guest(backend: try SwtpmBackend(config), start: .incoming)
+        killing.withLock { $0 = true }
+        do {
+            try destination.device.restore(tis, blobs: blobs)
+            Issue.record("restore succeeded into a killed swtpm")
+        } catch {
+            #expect(error.code == .backendState)
+            #expect(error.backendError?.code == .connectionClosed)
+            #expect(error.backendError?.operation == (command == 0x0D ? "CMD_SET_STATEBLOB" : "CMD_INIT"))
+        }
+        #expect(!dst.process.isRunning)
+        #expect(try destination.transmit(TPM2.getRandom(8)) == fatalResponse)
+        #expect(try TPMContent.read(source) == content)
     }
 
     /// A migration stream cut anywhere before its EOF byte is refused with a typed error; the
