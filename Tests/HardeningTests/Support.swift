@@ -53,6 +53,9 @@ final class Guest {
     /// STS of the still-active `locality` after a command: no dataAvail left, not expecting,
     /// no command in flight: the command completed and its response was read in full.
     func completedCleanly(locality: UInt8 = 0) throws -> Bool {
+        // The guest has the response once dataAvail shows; the runner's completion handler may
+        // still be returning on its worker thread (it takes new requests first): wait for it.
+        runner.finishSync()
         let sts = try driver.status(locality)
         return sts != 0xFFFF_FFFF && sts & (TISStatus.expect.rawValue | TISStatus.dataAvailable.rawValue) == 0 && !runner.isBusy
     }

@@ -28,6 +28,7 @@ struct SwtpmFaultTests {
         let t = try elapsed { response = try g.transmit(TPM2.getRandom(16)) }
         #expect(response == fatalResponse)
         #expect(t < 10)                                     // no hang (bounds are loose: shared machine)
+        g.runner.finishSync()                               // returns: nothing left in flight
         #expect(!g.runner.isBusy)
         #expect(g.hostErrors.last?.code == .connectionClosed)
         #expect(g.hostErrors.last?.operation == "TPM command 0x0000017b")
