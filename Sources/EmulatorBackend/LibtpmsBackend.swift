@@ -343,10 +343,11 @@ public final class LibtpmsBackend: TPMBackend, @unchecked Sendable {
         try engine.withLock { e throws(BackendError) -> TPMBackendResponse in
             guard e.running else { throw BackendError(.notRunning, "TPM not started", operation: "TPMLIB_Process") }
             LibtpmsGlobals.locality.store(command.locality, ordering: .relaxed)
-            var cmd = command.bytes
             var respLen: UInt32 = 0
-            let rc = cmd.withUnsafeMutableBufferPointer { c in
-                TPMLIB_Process(&e.response, &respLen, &e.responseCapacity, c.baseAddress, UInt32(c.count))
+            // TPMLIB_Process takes `unsigned char *` but only reads the command (it unmarshals
+            // from it); passing the caller's bytes saves a copy per command.
+            let rc = command.bytes.withUnsafeBufferPointer { c in
+                TPMLIB_Process(&e.response, &respLen, &e.responseCapacity, UnsafeMutablePointer(mutating: c.baseAddress), UInt32(c.count))
             }
             try check(rc, "TPMLIB_Process")
             let n = min(Int(respLen), command.maxResponseSize)

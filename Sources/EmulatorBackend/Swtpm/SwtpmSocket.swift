@@ -182,8 +182,13 @@ final class SwtpmSocket: @unchecked Sendable {
         let deadline = monotonicNow() + timeout
         var out = [UInt8](repeating: 0, count: count)
         var got = 0
+        var mustWait = false
         while got < count {
-            try waitFor(Int16(POLLIN), deadline: deadline, operation: operation, what: "readable (\(field), \(got) of \(count) bytes)")
+            // recv first, poll only when nothing is queued: a reply's body is usually there
+            // already, and each avoided poll is a syscall per command.
+            if mustWait {
+                try waitFor(Int16(POLLIN), deadline: deadline, operation: operation, what: "readable (\(field), \(got) of \(count) bytes)")
+            }
             let n = out.withUnsafeMutableBytes { buf -> Int in
                 guard let base = buf.baseAddress else { return 0 }
                 return Glibc.recv(fd, base + got, count - got, Int32(MSG_DONTWAIT))
@@ -195,7 +200,8 @@ final class SwtpmSocket: @unchecked Sendable {
                                    operation: operation)
             }
             let e = lastErrno()
-            if e == EINTR || e == EAGAIN || e == EWOULDBLOCK { continue }
+            if e == EINTR { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { mustWait = true; continue }
             if e == ECONNRESET {
                 throw BackendError(.connectionClosed, "\(label): connection reset while \(field) was read",
                                    operation: operation, errno: e)
