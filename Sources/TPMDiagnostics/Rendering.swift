@@ -1,6 +1,7 @@
 import EmulatorBackend
 import TIS
 import VMState
+import WireFormat
 
 /// Pretty JSON text of a `JSONValue` (4-space indent, members in order), deterministic.
 public enum JSONText {
@@ -18,7 +19,7 @@ public enum JSONText {
             guard !members.isEmpty else { out += "{}"; return }
             out += "{\n"
             for (i, (k, m)) in members.enumerated() {
-                out += pad + quoted(k) + ": "
+                out += pad + JSONString.quote(k) + ": "
                 write(m, indent: indent + 4, into: &out)
                 out += i + 1 < members.count ? ",\n" : "\n"
             }
@@ -32,7 +33,7 @@ public enum JSONText {
                 out += i + 1 < items.count ? ",\n" : "\n"
             }
             out += String(repeating: " ", count: indent) + "]"
-        case .string(let s): out += quoted(s)
+        case .string(let s): out += JSONString.quote(s)
         case .integer(let i): out += String(i)
         case .number(let d): out += d.isFinite ? String(d) : "null"
         case .bool(let b): out += b ? "true" : "false"
@@ -40,26 +41,6 @@ public enum JSONText {
         }
     }
 
-    static func quoted(_ s: String) -> String {
-        var o = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": o += "\\\""
-            case "\\": o += "\\\\"
-            case "\n": o += "\\n"
-            case "\r": o += "\\r"
-            case "\t": o += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let h = String(u.value, radix: 16)
-                    o += "\\u" + String(repeating: "0", count: 4 - h.count) + h
-                } else {
-                    o.unicodeScalars.append(u)
-                }
-            }
-        }
-        return o + "\""
-    }
 }
 
 /// Field values as analyze-migration.py prints them: integers as `0x` + 2 hex digits per byte,

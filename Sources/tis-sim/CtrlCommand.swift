@@ -1,5 +1,6 @@
 import ArgumentParser
 import EmulatorBackend
+import WireFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -205,7 +206,7 @@ struct Ctrl: ParsableCommand {
             client = try SwtpmCtrlClient(connectingTo: endpoint, timeout: timeout)
         } catch {
             if json {
-                Self.write(1, "{\"command\":\"\(op.code.name)\",\"ok\":false,\"error\":\(Self.quote(error.description)),\"code\":\"\(error.code.rawValue)\"}\n")
+                Self.write(1, "{\"command\":\"\(op.code.name)\",\"ok\":false,\"error\":\(JSONString.quote(error.description)),\"code\":\"\(error.code.rawValue)\"}\n")
                 throw ExitCode.failure
             }
             // swtpm_ioctl's open_connection / connect_nonblock messages.
@@ -229,16 +230,4 @@ struct Ctrl: ParsableCommand {
         if outcome.exitCode != 0 { throw ExitCode(outcome.exitCode) }
     }
 
-    private static func quote(_ s: String) -> String {
-        var out = "\""
-        for c in s.unicodeScalars {
-            switch c {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            default: out.unicodeScalars.append(c.value < 0x20 ? " " : c)
-            }
-        }
-        return out + "\""
-    }
 }

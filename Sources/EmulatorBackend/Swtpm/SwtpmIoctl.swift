@@ -1,5 +1,6 @@
 #if canImport(Glibc)
 import Glibc
+import WireFormat
 #endif
 
 /// The operations of swtpm's `swtpm_ioctl` tool over a ctrl socket, with its exact output text
@@ -299,31 +300,11 @@ enum IoctlJSON: Sendable, Equatable {
         switch self {
         case .int(let v): String(v)
         case .bool(let b): b ? "true" : "false"
-        case .string(let s): Self.quote(s)
+        case .string(let s): JSONString.quote(s)
         case .array(let a): "[" + a.map(\.text).joined(separator: ",") + "]"
         }
     }
 
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let h = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
-    }
 }
 
 struct OrderedJSON: Sendable {
@@ -340,7 +321,7 @@ struct OrderedJSON: Sendable {
     }
 
     var text: String {
-        "{" + keys.compactMap { k in values[k].map { IoctlJSON.quote(k) + ":" + $0.text } }.joined(separator: ",") + "}"
+        "{" + keys.compactMap { k in values[k].map { JSONString.quote(k) + ":" + $0.text } }.joined(separator: ",") + "}"
     }
 }
 
