@@ -76,7 +76,7 @@ func runTool(_ args: [String], timeout: Double = 10) throws -> ToolResult {
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)
     posix_spawn_file_actions_adddup2(&fa, outFD, 1)
     posix_spawn_file_actions_adddup2(&fa, errFD, 2)
-    var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+    let cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
     defer { cargs.forEach { free($0) } }
     var pid: pid_t = 0
     let path = args[0].hasPrefix("/") ? args[0] : "/usr/bin/" + args[0]
