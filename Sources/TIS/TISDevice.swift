@@ -104,7 +104,13 @@ public final class TISDevice: Sendable {
     private func refreshEstablishedFlag() {
         // QEMU asks the backend on every ACCESS read (the emulator caches the answer); the flag
         // only changes through the hash sequence or a reset, so it is read here, off the MMIO path.
-        let flag = (try? runner.backend.establishedFlag()) ?? false
+        // A failure reads as "not established" (QEMU's tpm_emulator_get_tpm_established_flag
+        // returns false); the host hears of it through the runner's error handler.
+        let flag: Bool
+        do { flag = try runner.backend.establishedFlag() } catch {
+            runner.onError?(error)
+            flag = false
+        }
         core.withLock { $0.establishedFlag = flag }
     }
 
@@ -177,7 +183,8 @@ public final class TISDevice: Sendable {
     private func perform(_ fx: TISEffects) {
         if fx.cancel { runner.cancel() }
         if let l = fx.resetEstablished {
-            _ = try? runner.backend.resetEstablishedFlag(locality: l)
+            // QEMU reports the failure (error_report) and the guest sees nothing else.
+            do { try runner.backend.resetEstablishedFlag(locality: l) } catch { runner.onError?(error) }
             refreshEstablishedFlag()
         }
         if let cmd = fx.deliver {
